@@ -1,0 +1,247 @@
+"""The inference cascade ŷ = SR_h ∘ SR_l^t ∘ ↑F ∘ D^t ∘ P ∘ (x̂, CLIP_text(x)), one function per stage.
+
+Each function takes its network, batch-first tensors and one seed per sample, and samples through
+the shared diffusion core. Videos are ``b c f h w`` in [-1, 1]. A sample's noise comes from
+:func:`stages.diffusion.stage_generators`, so it depends on its seed and stage only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from stages.clip import ClipModel
+from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHighConfig, SRLowConfig
+from stages.diffusion import Progress, add_noise, randn, sample, stage_generators
+from stages.prior import PriorNet
+from stages.unet import VideoUNet
+
+
+def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = None) -> nn.Module:
+    """A freshly initialised network for stage ``name``; the same ``seed`` gives the same weights everywhere.
+
+    ``unet2d`` replaces the U-Net stages' fresh 2D U-Net (e.g. pretrained diffusers weights), inflated here.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + STAGE_NAMES.index(name))
+        if name == "clip":
+            return ClipModel(cfg)
+        if name == "prior":
+            return PriorNet(cfg, embed_dim=cfg.embed_dim, num_tokens=cfg.num_tokens)
+        if name in ("decoder", "interpolation"):
+            return VideoUNet(
+                cfg.unet,
+                cond_channels=4 if name == "interpolation" else 0,
+                image_embed_dim=cfg.image_embed_dim,
+                context_tokens=cfg.context_tokens,
+                fps_cond=True,
+                unet2d=unet2d,
+            )
+        if name in ("sr_low", "sr_high"):
+            return VideoUNet(cfg.unet, cond_channels=3, noise_level_cond=True, unet2d=unet2d)
+    raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def encode_text(clip: ClipModel, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """CLIP_text(x) and x̂: ``text_embeds`` (x_e, b d), ``text_hidden`` (b n d), ``text_mask`` (b n),
+    ``truncated`` (b, bool: the prompt was longer than the context)."""
+    tokens, truncated = clip.tokenize(list(prompts))
+    pooled, hidden, mask = clip.encode_text(tokens.to(_device(clip)))
+    return {
+        "text_embeds": pooled.float(),
+        "text_hidden": hidden.float(),
+        "text_mask": mask,
+        "truncated": torch.tensor(truncated),
+    }
+
+
+def generate_image_embeds(
+    prior: PriorNet,
+    text: dict[str, torch.Tensor],
+    negative: dict[str, torch.Tensor],
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    guidance: float | torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """P: sample y_e ``b d`` (unit norm) given x_e and x̂; ``negative`` (e.g. the empty prompt) is the
+    unconditional branch of classifier-free guidance."""
+    dev, dt = _device(prior), _dtype(prior)
+    keys = ("text_embeds", "text_hidden", "text_mask")
+    cond = {k: text[k].to(dev) for k in keys}
+    uncond = {k: negative[k].to(dev) for k in keys}
+    noise = randn((prior.embed_dim,), stage_generators(seeds, "prior"), dev, dt)
+    x = sample(prior, noise, cfg=prior.cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
+    return prior.unscale(x.float())
+
+
+def decode(
+    decoder: VideoUNet,
+    cfg: DecoderConfig,
+    image_embeds: torch.Tensor,
+    fps: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    guidance: float | torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0."""
+    dev, dt = _device(decoder), _dtype(decoder)
+    image_embeds = image_embeds.to(dev, dt)
+    fps = fps.to(dev, torch.float32)
+    shape = (3, cfg.frames, cfg.size, cfg.size)
+    noise = randn(shape, stage_generators(seeds, "decoder"), dev, dt)
+    cond = {"image_embeds": image_embeds, "fps": fps}
+    uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
+    return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
+
+
+def infill_inputs(frames: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """↑F's condition: masked frames ``b 3 f h w`` and mask ``b f`` (True = given) -> ``b 4 f h w``."""
+    mask = known.to(frames.dtype)[:, None, :, None, None]
+    return torch.cat([frames * mask, mask.expand(-1, 1, -1, *frames.shape[-2:])], dim=1)
+
+
+def infill(
+    net: VideoUNet,
+    cfg: InterpolationConfig,
+    frames: torch.Tensor,
+    known: torch.Tensor,
+    image_embeds: torch.Tensor,
+    fps: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """↑F in general form: generate the frames where ``known`` (``b f``) is False, keep the others exactly.
+
+    Interpolation gives every ``skip``-th frame; extrapolation gives the first (or last) frames; image
+    animation gives one frame.
+    """
+    dev, dt = _device(net), _dtype(net)
+    frames, known = frames.to(dev, dt), known.to(dev)
+    cond = {
+        "cond_frames": infill_inputs(frames, known),
+        "image_embeds": image_embeds.to(dev, dt),
+        "fps": fps.to(dev, torch.float32),
+    }
+    noise = randn(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt)
+    out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
+    keep = known[:, None, :, None, None]
+    return torch.where(keep, frames, out)
+
+
+def interpolate(
+    net: VideoUNet,
+    cfg: InterpolationConfig,
+    keyframes: torch.Tensor,
+    image_embeds: torch.Tensor,
+    fps: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """↑F with frame skip s: ``b 3 F h w`` at fps -> ``b 3 ((F-1)s+1) h w`` at fps·s.
+
+    Keyframe i lands at position i·s unchanged; the s−1 frames between each pair are generated.
+    """
+    b, c, f, h, w = keyframes.shape
+    s = cfg.skip
+    n = (f - 1) * s + 1
+    frames = keyframes.new_zeros(b, c, n, h, w)
+    frames[:, :, ::s] = keyframes
+    known = torch.zeros(b, n, dtype=torch.bool, device=keyframes.device)
+    known[:, ::s] = True
+    out_fps = fps * s
+    video = infill(net, cfg, frames, known, image_embeds, out_fps, seeds, steps=steps, progress=progress)
+    return video, out_fps
+
+
+def upsample(video: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear spatial upsampling of every frame: ``b c f h w`` -> ``b c f size size``."""
+    b = video.shape[0]
+    x = rearrange(video, "b c f h w -> (b f) c h w")
+    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return rearrange(x, "(b f) c h w -> b c f h w", b=b).to(video.dtype)
+
+
+def super_resolve_video(
+    net: VideoUNet,
+    cfg: SRLowConfig,
+    video: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """SR_l^t: ``b 3 f in_size in_size`` -> ``b 3 f out_size out_size``, all frames at once (pseudo-3D).
+
+    The condition is the bilinearly upsampled video, noised to ``cfg.noise_level`` (noise conditioning
+    augmentation, as in Imagen/DALL-E 2 upsamplers), with the level given to the network.
+    """
+    dev, dt = _device(net), _dtype(net)
+    video = video.to(dev, dt)
+    b, _, f = video.shape[:3]
+    up = upsample(video, cfg.out_size)
+    aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
+    level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
+    cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
+    noise = randn(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt)
+    return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
+
+
+def super_resolve_frames(
+    net: VideoUNet,
+    cfg: SRHighConfig,
+    video: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """SR_h: spatial super-resolution of every frame, ``b 3 f h w`` -> ``b 3 f out_size out_size``.
+
+    Every frame of a video starts from the same noise (and the same augmentation noise), so identical
+    input frames give identical output frames and the detail added does not flicker. Frames go through
+    in chunks of ``cfg.frame_batch``.
+    """
+    dev, dt = _device(net), _dtype(net)
+    video = video.to(dev, dt)
+    b, c, f = video.shape[:3]
+    size = cfg.out_size
+    noise = randn((c, 1, size, size), stage_generators(seeds, "sr_high"), dev, dt)
+    aug = randn((c, 1, size, size), stage_generators(seeds, "sr_high/aug"), dev, dt)
+    frames = rearrange(video, "b c f h w -> (b f) c 1 h w")
+    noise = repeat(noise, "b c 1 h w -> (b f) c 1 h w", f=f)
+    aug = repeat(aug, "b c 1 h w -> (b f) c 1 h w", f=f)
+    chunks = range(0, frames.shape[0], cfg.frame_batch)
+    outs = []
+    for i, start in enumerate(chunks):
+        sl = slice(start, start + cfg.frame_batch)
+        up = upsample(frames[sl], size)
+        level = torch.full((up.shape[0],), cfg.noise_level, dtype=torch.long, device=dev)
+        cond = {"cond_frames": add_noise(cfg.diffusion, up, aug[sl], level), "noise_level": level.float()}
+
+        def chunk_progress(step: int, total: int, i=i) -> None:
+            if progress is not None:
+                progress(i * total + step, len(chunks) * total)
+
+        outs.append(sample(net, noise[sl], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress))
+    return rearrange(torch.cat(outs), "(b f) c 1 h w -> b c f h w", b=b)
+

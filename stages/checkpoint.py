@@ -1,0 +1,150 @@
+"""Checkpoints: one directory per stage, ``config.yaml`` + ``model.safetensors`` (+ ``unet2d.json``).
+
+A bundle is a directory holding one such directory per stage (clip, prior, decoder, interpolation,
+sr_low, sr_high). Any fsspec URL works: a local path, ``s3://bucket/prefix``, ``memory://``.
+Weights are safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import safetensors.torch
+import torch
+from torch import nn
+
+from stages.cascade import build_stage
+from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+UNET2D_FILE = "unet2d.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the URL."""
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *parts) if "://" in url else os.path.join(url, *parts)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that a reader sees either the old object or the whole new one.
+
+    Local files go to a temporary file in the same directory, then ``os.replace``; object stores
+    (S3) make a single PUT visible atomically.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage; copies make every entry its own.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
+    """Write stage ``name`` under ``url/name``; returns that directory's URL."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+    directory = join(url, name)
+    try:
+        write_bytes_atomic(join(directory, WEIGHTS_FILE), safetensors.torch.save(_state_for_saving(module)))
+        unet = getattr(module, "unet", None)
+        if unet is not None:
+            write_bytes_atomic(join(directory, UNET2D_FILE), json.dumps(dict(unet.config), indent=2, default=list).encode())
+        write_bytes_atomic(join(directory, CONFIG_FILE), dump_yaml(cfg).encode())
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {directory}: {e}") from None
+    return directory
+
+
+def load_stage_config(url: str, name: str):
+    """The config of stage ``name`` in bundle ``url``."""
+    path = join(url, name, CONFIG_FILE)
+    try:
+        text = read_bytes(path).decode()
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot read checkpoint {url}: no {name}/{CONFIG_FILE}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {url}: {path}: {e}") from None
+    try:
+        return load_yaml(STAGE_CONFIGS[name], text, where=name)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot read checkpoint {url}: {e}") from None
+
+
+def _unet2d_from_json(text: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config = json.loads(text)
+    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    return cls.from_config(config)
+
+
+def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tuple[object, nn.Module]:
+    """(config, network) of stage ``name`` from bundle ``url``, weights loaded strictly."""
+    cfg = load_stage_config(url, name)
+    directory = join(url, name)
+    unet2d = None
+    if name not in ("clip", "prior"):
+        fs, path = fsspec.core.url_to_fs(join(directory, UNET2D_FILE))
+        if fs.exists(path):
+            unet2d = _unet2d_from_json(read_bytes(join(directory, UNET2D_FILE)).decode())
+    try:
+        state = safetensors.torch.load(read_bytes(join(directory, WEIGHTS_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot read checkpoint {url}: no {name}/{WEIGHTS_FILE}") from None
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {url}: {name}/{WEIGHTS_FILE}: {e}") from None
+    module = build_stage(name, cfg, unet2d=unet2d)
+    if name == "clip" and state and not next(iter(state)).startswith("model."):
+        state = {f"model.{k}": v for k, v in state.items()}  # open_clip's own state-dict layout
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot read checkpoint {url}: {name} weights do not match its config: {' '.join(first[:3])}") from None
+    return cfg, module.to(device).eval()
+
+
+def save_bundle(url: str, config: CascadeConfig, modules: dict[str, nn.Module]) -> None:
+    for name in STAGE_NAMES:
+        save_stage(url, name, getattr(config, name), modules[name])
+
+
+def load_bundle_config(url: str) -> CascadeConfig:
+    """The cascade config of a bundle (every stage's config, checked to chain)."""
+    configs = {name: load_stage_config(url, name) for name in STAGE_NAMES}
+    try:
+        check_chain(configs)
+        return CascadeConfig(**configs)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {url} does not chain: {e}") from None
+

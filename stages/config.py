@@ -1,0 +1,360 @@
+"""Configuration of the six Make-A-Video stages.
+
+One frozen dataclass per stage, loaded from YAML with unknown keys rejected by
+name, and saved beside the weights of every checkpoint. A preset (``cluster/presets``)
+is a YAML mapping with one section per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+STAGE_NAMES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
+
+SAMPLERS = ("ddim", "dpm++")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A config file or mapping that does not describe a valid stage."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    train_timesteps: int = 1000         # T of the forward process q(x_t | x_0)
+    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name
+    prediction_type: str = "epsilon"    # what the network predicts: epsilon, sample (x_0) or v_prediction
+    sampler: str = "ddim"               # ddim or dpm++ (both deterministic given the initial noise)
+    steps: int = 25                     # sampling steps
+    guidance: float = 1.0               # classifier-free guidance scale w; 1 disables the unconditional pass
+    clip_sample: bool = True            # clamp predicted x_0 to [-1, 1] (pixel stages)
+    cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
+
+    def __post_init__(self) -> None:
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_positive("steps", self.steps)
+        _check_positive("train_timesteps", self.train_timesteps)
+        if self.steps > self.train_timesteps:
+            raise ConfigError(f"steps={self.steps} exceeds train_timesteps={self.train_timesteps}")
+        if self.guidance < 0:
+            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig:
+    arch: str = "custom"            # an open_clip architecture name (e.g. ViT-B-32), or custom for the sizes below
+    embed_dim: int = 64             # joint embedding size d of x_e and y_e
+    context_length: int = 77        # BPE tokens per prompt, start and end tokens included
+    text_width: int = 64
+    text_heads: int = 4
+    text_layers: int = 2
+    image_size: int = 32            # input size of the image tower
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_patch_size: int = 8
+    vision_head_width: int = 32
+
+    def open_clip_config(self) -> dict[str, Any]:
+        """Keyword arguments for ``open_clip.CLIP``."""
+        if self.arch != "custom":
+            import open_clip
+
+            cfg = open_clip.get_model_config(self.arch)
+            if cfg is None:
+                raise ConfigError(f"unknown open_clip architecture {self.arch!r}")
+            if "custom_text" in cfg or "hf_model_name" in cfg.get("text_cfg", {}):
+                raise ConfigError(f"open_clip architecture {self.arch!r} has a custom text tower; use a CLIP architecture")
+            return {k: v for k, v in cfg.items() if k != "custom_text"}
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.vision_layers,
+                "width": self.vision_width,
+                "patch_size": self.vision_patch_size,
+                "head_width": self.vision_head_width,
+            },
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": 49408,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.text_layers,
+            },
+        }
+
+    @property
+    def resolved_embed_dim(self) -> int:
+        return int(self.open_clip_config()["embed_dim"])
+
+    @property
+    def resolved_context_length(self) -> int:
+        return int(self.open_clip_config()["text_cfg"].get("context_length", 77))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorConfig:
+    embed_dim: int = 64             # d of x_e and y_e (the CLIP stage's embed_dim)
+    num_tokens: int = 77            # text tokens n (the CLIP stage's context_length)
+    layers: int = 2                 # transformer blocks of diffusers.PriorTransformer
+    heads: int = 2
+    head_dim: int = 32
+    diffusion: DiffusionConfig = field(
+        default_factory=lambda: DiffusionConfig(prediction_type="sample", clip_sample=False, guidance=4.0, steps=10)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64)  # channels per resolution level
+    attention: tuple[bool, ...] = (False, True)     # spatial (+ temporal) attention per level
+    layers_per_block: int = 1
+    attention_head_dim: int = 16
+    norm_num_groups: int = 8
+    cross_attention_dim: int | None = 64  # context-token width; None builds a UNet2DModel (no cross-attention)
+    temporal: bool = True                 # pseudo-3D layers: temporal conv after each 2D conv, temporal attention after each spatial one
+    temporal_kernel: int = 3              # 1D temporal conv kernel size (odd)
+    temporal_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if len(self.attention) != len(self.block_out_channels):
+            raise ConfigError(
+                f"attention has {len(self.attention)} entries but block_out_channels has {len(self.block_out_channels)}"
+            )
+        if self.temporal_kernel % 2 != 1:
+            raise ConfigError(f"temporal_kernel must be odd, got {self.temporal_kernel}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(f"block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    frames: int = 16                # frames generated before interpolation
+    size: int = 64                  # output height = width, pixels
+    image_embed_dim: int = 64       # d of y_e (the CLIP stage's embed_dim)
+    context_tokens: int = 4         # y_e projected into this many extra cross-attention tokens
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=3.0, steps=25))
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterpolationConfig:
+    skip: int = 5                   # frame skip: F keyframes become (F - 1) * skip + 1 frames
+    image_embed_dim: int = 64       # d of y_e (the CLIP stage's embed_dim)
+    context_tokens: int = 4
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=1.0, steps=10))
+
+    def __post_init__(self) -> None:
+        _check_positive("skip", self.skip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuperResConfig:
+    in_size: int = 64               # input height = width, pixels
+    out_size: int = 256             # output height = width, pixels
+    noise_level: int = 100          # forward-process timestep the upsampled condition is noised to when sampling
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(cross_attention_dim=None))
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=10))
+
+    def __post_init__(self) -> None:
+        if self.out_size <= self.in_size:
+            raise ConfigError(f"out_size={self.out_size} must exceed in_size={self.in_size}")
+        if self.unet.cross_attention_dim is not None:
+            raise ConfigError("super-resolution networks take no context tokens: set unet.cross_attention_dim to null")
+        if not 0 <= self.noise_level < self.diffusion.train_timesteps:
+            raise ConfigError(f"noise_level must be in 0..{self.diffusion.train_timesteps - 1}, got {self.noise_level}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SRLowConfig(SuperResConfig):
+    """SR_l^t: spatiotemporal super-resolution."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SRHighConfig(SuperResConfig):
+    """SR_h: spatial super-resolution, one frame at a time with shared noise."""
+
+    in_size: int = 256
+    out_size: int = 768
+    frame_batch: int = 16           # frames per forward pass (bounds memory; results do not depend on it)
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(cross_attention_dim=None, temporal=False))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.unet.temporal:
+            raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
+        _check_positive("frame_batch", self.frame_batch)
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "clip": ClipConfig,
+    "prior": PriorConfig,
+    "decoder": DecoderConfig,
+    "interpolation": InterpolationConfig,
+    "sr_low": SRLowConfig,
+    "sr_high": SRHighConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CascadeConfig:
+    """All six stages; sizes must chain: decoder -> interpolation -> sr_low -> sr_high."""
+
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    sr_low: SRLowConfig = field(default_factory=SRLowConfig)
+    sr_high: SRHighConfig = field(default_factory=SRHighConfig)
+
+    def __post_init__(self) -> None:
+        check_chain({name: getattr(self, name) for name in STAGE_NAMES})
+
+    @property
+    def output_frames(self) -> int:
+        return (self.decoder.frames - 1) * self.interpolation.skip + 1
+
+
+def check_chain(configs: dict[str, Any]) -> None:
+    """Raise ConfigError if stage configs do not fit together (embedding sizes, resolutions)."""
+    d = configs["clip"].resolved_embed_dim
+    n = configs["clip"].resolved_context_length
+    for key, value in (
+        ("prior.embed_dim", configs["prior"].embed_dim),
+        ("decoder.image_embed_dim", configs["decoder"].image_embed_dim),
+        ("interpolation.image_embed_dim", configs["interpolation"].image_embed_dim),
+    ):
+        if value != d:
+            raise ConfigError(f"{key}={value} must equal the CLIP embedding size {d}")
+    if configs["prior"].num_tokens != n:
+        raise ConfigError(f"prior.num_tokens={configs['prior'].num_tokens} must equal the CLIP context length {n}")
+    for name in ("decoder", "interpolation"):
+        cad = configs[name].unet.cross_attention_dim
+        if cad is None:
+            raise ConfigError(f"{name}.unet.cross_attention_dim must be set (y_e enters as context tokens)")
+    if configs["sr_low"].in_size != configs["decoder"].size:
+        raise ConfigError(
+            f"sr_low.in_size={configs['sr_low'].in_size} must equal decoder.size={configs['decoder'].size}"
+        )
+    if configs["sr_high"].in_size != configs["sr_low"].out_size:
+        raise ConfigError(
+            f"sr_high.in_size={configs['sr_high'].in_size} must equal sr_low.out_size={configs['sr_low'].out_size}"
+        )
+    if d <= 0:
+        raise ConfigError(f"clip embedding size must be positive, got {d}")
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError naming the key.
+
+    Keys left out keep the value of ``base`` (default: the class defaults), also inside nested sections.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; expected one of: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        kwargs[name] = _convert(hints[name], value, key, default)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _convert(tp: Any, value: Any, key: str, default: Any = None) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in typing.get_args(tp):
+                return None
+            raise ConfigError(f"{key}: null is not allowed")
+        return _convert(args[0], value, key, default)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key, base=default if isinstance(default, tp) else None)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (elem, _) = typing.get_args(tp)
+        return tuple(_convert(elem, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain YAML-friendly mapping of a config dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def load_yaml(cls: type[T], text: str, where: str = "") -> T:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where or cls.__name__}: invalid YAML: {e}") from None
+    return from_dict(cls, data if data is not None else {}, where)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")

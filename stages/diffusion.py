@@ -1,0 +1,167 @@
+"""The one diffusion core every diffusion stage (P, D^t, ↑F, SR_l^t, SR_h) uses.
+
+Schedules come from diffusers: DDPM for the training forward process
+q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), DDIM (η = 0) or DPM-Solver++ for sampling.
+Classifier-free guidance (Ho & Salimans, 2022): ε̃ = ε(x_t, ∅) + w (ε(x_t, c) − ε(x_t, ∅)).
+
+Networks are plain callables ``model(x_t, t, **cond) -> prediction``; they never sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stages.config import DiffusionConfig
+
+Progress = Callable[[int, int], None]
+
+
+def training_scheduler(cfg: DiffusionConfig):
+    """DDPM forward process (used for training noise and for noising SR conditions)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
+    """A fresh sampling scheduler (schedulers keep per-run state, so one per sampling loop)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    sampler = sampler or cfg.sampler
+    common = dict(
+        num_train_timesteps=cfg.train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        timestep_spacing="trailing",
+    )
+    if sampler == "ddim":
+        return DDIMScheduler(clip_sample=cfg.clip_sample, clip_sample_range=1.0, set_alpha_to_one=False, **common)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=cfg.clip_sample,
+            sample_max_value=1.0,
+            dynamic_thresholding_ratio=1.0,
+            lower_order_final=True,
+            **common,
+        )
+    raise ValueError(f"unknown sampler {sampler!r}; expected ddim or dpm++")
+
+
+def stage_generators(seeds: Sequence[int], stage: str, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded from (prompt seed, stage name).
+
+    A sample's noise depends only on its own seed and the stage, never on its batch or actor.
+    """
+    gens = []
+    for seed in seeds:
+        digest = hashlib.sha256(f"{int(seed)}:{stage}".encode()).digest()
+        gens.append(torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+    return gens
+
+
+def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """``len(generators) x shape`` standard normal noise, one generator per sample."""
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    ).to(device=device, dtype=dtype)
+
+
+def _cat_cond(cond: dict, uncond: dict) -> dict:
+    out = {}
+    for k, v in cond.items():
+        u = uncond.get(k, v)
+        out[k] = torch.cat([v, u]) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def sample(
+    model: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    *,
+    cfg: DiffusionConfig,
+    steps: int | None = None,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance: float | torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (x_T) to x_0.
+
+    Args:
+        model: ``model(x_t, t, **cond)`` returning the prediction named by ``cfg.prediction_type``.
+        noise: x_T, any shape with the batch first.
+        steps: sampling steps (default ``cfg.steps``).
+        cond / uncond: conditioning keyword tensors (batch first) for the conditional and the
+            unconditional pass; ``uncond`` entries default to the ``cond`` ones.
+        guidance: w, a scalar or one value per sample (default ``cfg.guidance``); w = 1 everywhere
+            skips the unconditional pass.
+    """
+    cond = cond or {}
+    steps = steps or cfg.steps
+    if not 1 <= steps <= cfg.train_timesteps:
+        raise ValueError(f"steps must be in 1..{cfg.train_timesteps}, got {steps}")
+    b = noise.shape[0]
+    w = torch.as_tensor(cfg.guidance if guidance is None else guidance, dtype=noise.dtype, device=noise.device)
+    w = w.expand(b) if w.ndim == 0 else w
+    guided = uncond is not None and bool((w != 1).any())
+    w = w.view(b, *([1] * (noise.ndim - 1)))
+    both = _cat_cond(cond, uncond) if guided else cond
+    scheduler = sampling_scheduler(cfg)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        if guided:
+            pred_c, pred_u = model(torch.cat([x_in, x_in]), t.expand(2 * b), **both).chunk(2)
+            pred = pred_u + w * (pred_c - pred_u)
+        else:
+            pred = model(x_in, t.expand(b), **both)
+        x = scheduler.step(pred, t, x, return_dict=False)[0]
+        if progress is not None:
+            progress(i + 1, steps)
+    return x
+
+
+def add_noise(cfg: DiffusionConfig, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, for a per-sample timestep t (``b``)."""
+    return training_scheduler(cfg).add_noise(x0, noise, t.to(x0.device))
+
+
+def training_loss(
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    cfg: DiffusionConfig,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    scheduler=None,
+) -> torch.Tensor:
+    """Simple diffusion loss E_{t, ε} ‖target − model(x_t, t, c)‖² (Ho et al., 2020, eq. 14).
+
+    The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``.
+    Condition dropout for guidance is the caller's (it knows what "no condition" means for its stage).
+    """
+    scheduler = scheduler or training_scheduler(cfg)
+    b = x0.shape[0]
+    t = torch.randint(0, cfg.train_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+    x_t = scheduler.add_noise(x0, noise, t)
+    pred = model(x_t, t, **(cond or {}))
+    if cfg.prediction_type == "epsilon":
+        target = noise
+    elif cfg.prediction_type == "sample":
+        target = x0
+    else:
+        target = scheduler.get_velocity(x0, noise, t)
+    return F.mse_loss(pred.float(), target.float())

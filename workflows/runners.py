@@ -1,0 +1,218 @@
+"""One runner per stage, the single shape every way of running the cascade uses.
+
+A runner loads its network in ``__init__`` and maps a batch of rows, ``dict[str, np.ndarray]``, to a
+batch with its stage's output columns added (and columns no later stage needs dropped). The in-process
+pipeline chains them; the Ray batch job runs each as an actor pool; Serve wraps each in a deployment.
+
+Row columns: ``prompt`` and ``negative_prompt`` (str), ``seed`` (int64), ``fps`` (int64, keyframe rate
+D^t is conditioned on), ``steps`` (int64, 0 = each stage's preset value), ``guidance`` (float32, NaN =
+the decoder's preset value). Frames cross stages as uint8 ``b 3 f h w``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from stages import cascade
+from stages.checkpoint import load_stage
+from stages.config import STAGE_NAMES
+from workflows.presets import DEFAULT_PRESET, load_preset
+from workflows.video import from_uint8, to_uint8
+
+StageProgress = Callable[[str, int, int], None]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_network(stage: str, *, checkpoint: str | None, preset: str, device: torch.device | str):
+    """(config, eval-mode network) of ``stage``: from a checkpoint bundle, else freshly built from a preset."""
+    if checkpoint:
+        return load_stage(checkpoint, stage, device=device)
+    cfg = getattr(load_preset(preset), stage)
+    return cfg, cascade.build_stage(stage, cfg).to(device).eval()
+
+
+def _steps_groups(batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int | None]]:
+    """Row indices grouped by requested step count (rows with different counts cannot share a loop)."""
+    steps = batch["steps"].astype(np.int64)
+    return [(np.flatnonzero(steps == s), int(s) or None) for s in np.unique(steps)]
+
+
+def _scatter(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    first = parts[0][1]
+    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+    for idx, values in parts:
+        out[idx] = values
+    return out
+
+
+def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+class StageRunner:
+    """Base: ``__call__(batch) -> batch`` under ``torch.inference_mode()``."""
+
+    stage: str = ""
+    drops: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str | None = None,
+        preset: str = DEFAULT_PRESET,
+        device: str | torch.device | None = None,
+        progress: StageProgress | None = None,
+    ) -> None:
+        if self.stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {self.stage!r}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cfg, self.net = load_network(self.stage, checkpoint=checkpoint, preset=preset, device=self.device)
+        self.progress = progress
+
+    def _progress(self, step: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(self.stage, step, total)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["seed"])
+        with torch.inference_mode():
+            parts: dict[str, list] = {}
+            for idx, steps in _steps_groups(batch):
+                for key, values in self.run(_take(batch, idx), steps).items():
+                    parts.setdefault(key, []).append((idx, values))
+        out = {k: v for k, v in batch.items() if k not in self.drops}
+        out.update({k: _scatter(v, n) for k, v in parts.items()})
+        return out
+
+    def run(self, batch: dict[str, np.ndarray], steps: int | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _seeds(batch: dict[str, np.ndarray]) -> list[int]:
+    return [int(s) for s in batch["seed"]]
+
+
+class TextEncoderRunner(StageRunner):
+    """CLIP_text: prompt and negative prompt -> x_e, per-token features, mask (for both)."""
+
+    stage = "clip"
+
+    def run(self, batch, steps):
+        prompts = [str(p) for p in batch["prompt"]]
+        negatives = [str(p) for p in batch.get("negative_prompt", np.array([""] * len(prompts), dtype=object))]
+        unique = list(dict.fromkeys(prompts + negatives))
+        enc = cascade.encode_text(self.net, unique)
+        pos = [unique.index(p) for p in prompts]
+        neg = [unique.index(p) for p in negatives]
+        self._progress(1, 1)
+        out = {}
+        for prefix, rows in (("text", pos), ("neg", neg)):
+            out[f"{prefix}_embeds"] = enc["text_embeds"][rows].cpu().numpy().astype(np.float32)
+            out[f"{prefix}_hidden"] = enc["text_hidden"][rows].cpu().numpy().astype(np.float16)
+            out[f"{prefix}_mask"] = enc["text_mask"][rows].cpu().numpy()
+        out["truncated"] = enc["truncated"][pos].numpy()
+        return out
+
+
+class PriorRunner(StageRunner):
+    """P: (x_e, x̂) -> y_e."""
+
+    stage = "prior"
+    drops = ("text_embeds", "text_hidden", "text_mask", "neg_embeds", "neg_hidden", "neg_mask")
+
+    def run(self, batch, steps):
+        def part(prefix):
+            return {
+                "text_embeds": torch.from_numpy(batch[f"{prefix}_embeds"]).float(),
+                "text_hidden": torch.from_numpy(batch[f"{prefix}_hidden"]).float(),
+                "text_mask": torch.from_numpy(batch[f"{prefix}_mask"]),
+            }
+
+        y = cascade.generate_image_embeds(
+            self.net, part("text"), part("neg"), _seeds(batch), steps=steps, progress=self._progress
+        )
+        return {"image_embeds": y.cpu().numpy().astype(np.float32)}
+
+
+class DecoderRunner(StageRunner):
+    """D^t: (y_e, fps) -> keyframes, uint8 ``b 3 frames size size``."""
+
+    stage = "decoder"
+
+    def run(self, batch, steps):
+        guidance = np.asarray(batch["guidance"], dtype=np.float32)
+        guidance = np.where(np.isnan(guidance), self.cfg.diffusion.guidance, guidance)
+        video = cascade.decode(
+            self.net,
+            self.cfg,
+            torch.from_numpy(batch["image_embeds"]),
+            torch.from_numpy(np.asarray(batch["fps"], dtype=np.float32)),
+            _seeds(batch),
+            steps=steps,
+            guidance=torch.from_numpy(guidance),
+            progress=self._progress,
+        )
+        return {"video": to_uint8(video)}
+
+
+class InterpolationRunner(StageRunner):
+    """↑F: keyframes at fps -> (F−1)·skip+1 frames at fps·skip (``video_fps``)."""
+
+    stage = "interpolation"
+    drops = ("image_embeds",)
+
+    def run(self, batch, steps):
+        dtype = next(self.net.parameters()).dtype
+        video, out_fps = cascade.interpolate(
+            self.net,
+            self.cfg,
+            from_uint8(batch["video"], dtype),
+            torch.from_numpy(batch["image_embeds"]),
+            torch.from_numpy(np.asarray(batch["fps"], dtype=np.float32)),
+            _seeds(batch),
+            steps=steps,
+            progress=self._progress,
+        )
+        return {"video": to_uint8(video), "video_fps": out_fps.numpy().astype(np.float32)}
+
+
+class SRLowRunner(StageRunner):
+    """SR_l^t: spatiotemporal super-resolution."""
+
+    stage = "sr_low"
+
+    def run(self, batch, steps):
+        dtype = next(self.net.parameters()).dtype
+        video = cascade.super_resolve_video(
+            self.net, self.cfg, from_uint8(batch["video"], dtype), _seeds(batch), steps=steps, progress=self._progress
+        )
+        return {"video": to_uint8(video)}
+
+
+class SRHighRunner(StageRunner):
+    """SR_h: per-frame spatial super-resolution with the same noise for every frame."""
+
+    stage = "sr_high"
+
+    def run(self, batch, steps):
+        dtype = next(self.net.parameters()).dtype
+        video = cascade.super_resolve_frames(
+            self.net, self.cfg, from_uint8(batch["video"], dtype), _seeds(batch), steps=steps, progress=self._progress
+        )
+        return {"video": to_uint8(video)}
+
+
+RUNNERS: tuple[type[StageRunner], ...] = (
+    TextEncoderRunner,
+    PriorRunner,
+    DecoderRunner,
+    InterpolationRunner,
+    SRLowRunner,
+    SRHighRunner,
+)
