@@ -45,6 +45,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -1,0 +1,184 @@
+"""The ``mav`` command.
+
+    mav generate "a red ball bouncing" --out ball.mp4
+    mav generate "a red ball" "a blue square" --out videos/ --seed 7 --preset cpu
+    mav generate "a red ball" --out s3://bucket/videos/ball.mp4 --checkpoint s3://bucket/models/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+
+from workflows.presets import DEFAULT_PRESET
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """An error reported as one line, no traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StageProgressPrinter:
+    """Per-stage progress on stderr: a live line on a terminal, one line per finished stage otherwise."""
+
+    LABELS = {
+        "clip": "text encoder",
+        "prior": "prior P",
+        "decoder": "decoder D^t",
+        "interpolation": "interpolation ↑F",
+        "sr_low": "SR_l^t",
+        "sr_high": "SR_h",
+    }
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started: dict[str, float] = {}
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        now = time.perf_counter()
+        start = self.started.setdefault(stage, now)
+        label = self.LABELS.get(stage, stage)
+        index = list(self.LABELS).index(stage) + 1 if stage in self.LABELS else 0
+        if self.tty:
+            end = "\n" if step >= total else ""
+            self.stream.write(f"\r[{index}/6] {label:<17} {step:>4}/{total} steps  {now - start:6.1f}s{end}")
+            self.stream.flush()
+        elif step >= total:
+            self.stream.write(f"[{index}/6] {label:<17} {total:>4} steps  {now - start:6.1f}s\n")
+            self.stream.flush()
+        if step >= total:
+            self.started.pop(stage, None)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("diffusers", "torch", "ray", "fsspec", "s3fs", "botocore"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _outputs(out: str, prompts: list[str]) -> list[str]:
+    from workflows.outputs import join, safe_name
+
+    single_file = out.endswith(".mp4")
+    if len(prompts) == 1 and single_file:
+        return [out]
+    if single_file:
+        raise CliError(f"--out {out}: several prompts need a directory, not an .mp4 file")
+    return [join(out, f"{i:03d}-{safe_name(p)}.mp4") for i, p in enumerate(prompts)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import posixpath
+
+    from stages.checkpoint import CheckpointError, load_bundle_config
+    from stages.config import ConfigError
+    from workflows.outputs import check_writable, is_local, write_bytes_atomic
+    from workflows.pipeline import MAX_SEED, Pipeline, Request
+    from workflows.presets import load_preset
+
+    prompts = list(args.prompts)
+    for i, p in enumerate(prompts, 1):
+        if not p.strip():
+            raise CliError(f"prompt {i} is empty")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(0, 2**31)
+    if not 0 <= seed <= MAX_SEED - len(prompts):
+        raise CliError(f"--seed must be in 0..{MAX_SEED - len(prompts)}, got {seed}")
+    try:
+        requests = [
+            Request(prompt=p, seed=seed + i, fps=args.fps, steps=args.steps, guidance=args.guidance)
+            for i, p in enumerate(prompts)
+        ]
+    except ValueError as e:
+        raise CliError(f"--{str(e)}") from None
+    try:
+        if args.checkpoint:
+            load_bundle_config(args.checkpoint)
+        else:
+            load_preset(args.preset)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    except ConfigError as e:
+        raise CliError(f"--preset: {e}") from None
+
+    paths = _outputs(args.out, prompts)
+    for directory in dict.fromkeys(os.path.dirname(p) if is_local(p) else posixpath.dirname(p) for p in paths):
+        try:
+            check_writable(directory or ".")
+        except Exception as e:  # any filesystem's refusal: permissions, missing bucket, credentials
+            raise CliError(f"cannot write to {args.out}: {e}") from None
+
+    print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
+    progress = StageProgressPrinter()
+    start = time.perf_counter()
+    try:
+        pipe = Pipeline(checkpoint=args.checkpoint, preset=args.preset, progress=progress)
+    except (CheckpointError, ConfigError) as e:
+        raise CliError(str(e)) from None
+    videos = []
+    for i in range(0, len(requests), args.batch_size):
+        videos += pipe.generate(requests[i : i + args.batch_size])
+    from workflows.video import encode_mp4
+
+    for path, video, prompt in zip(paths, videos, prompts):
+        if video.truncated:
+            print(f"warning: prompt longer than the text encoder's context was cut: {prompt[:60]!r}...", file=sys.stderr)
+        try:
+            write_bytes_atomic(path, encode_mp4(video.frames, video.fps))
+        except Exception as e:
+            raise CliError(f"cannot write {path}: {e}", EXIT_FAILED) from None
+        _, f, h, w = video.frames.shape
+        print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps:g} fps)", file=sys.stderr)
+    print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video: text-to-video on PyTorch and Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate videos from prompts on this machine")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--out", required=True, help="an .mp4 path/URL for one prompt, or a directory/prefix")
+    gen.add_argument("--seed", type=int, help="seed of the first prompt (prompt i uses seed+i); random if omitted")
+    gen.add_argument("--fps", type=int, default=5, help="keyframe rate 1..30 the decoder is conditioned on; "
+                     "the video plays at fps x frame skip (default 5)")
+    gen.add_argument("--steps", type=int, help="sampling steps for every diffusion stage (default: the preset's)")
+    gen.add_argument("--guidance", type=float, help="decoder classifier-free guidance scale (default: the preset's)")
+    gen.add_argument("--preset", default=DEFAULT_PRESET, help="stage preset name or YAML path (default cpu)")
+    gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: fresh weights from --preset)")
+    gen.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        if getattr(args, "batch_size", 1) < 1:
+            raise CliError("--batch-size must be >= 1")
+        return args.func(args)
+    except CliError as e:
+        print(f"mav: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("mav: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
