@@ -44,7 +44,7 @@ def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
         timestep_spacing="trailing",
     )
     if sampler == "ddim":
-        return DDIMScheduler(clip_sample=cfg.clip_sample, clip_sample_range=1.0, set_alpha_to_one=False, **common)
+        return DDIMScheduler(clip_sample=cfg.clip_sample, clip_sample_range=1.0, set_alpha_to_one=True, **common)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(
             algorithm_type="dpmsolver++",

@@ -1,0 +1,147 @@
+"""Pseudo-3D inflation: function preservation, the switch-off, and which parameters are temporal."""
+
+import copy
+
+import pytest
+import torch
+from einops import rearrange
+
+from stages.config import UNetConfig
+from stages.temporal import PseudoAttention, PseudoConv3d, inflate, spatial_state_dict, temporal_parameter_names
+from stages.unet import VideoUNet, build_unet2d, widen_input
+
+
+def _cfg(cross: int | None) -> UNetConfig:
+    return UNetConfig(
+        block_out_channels=(8, 16),
+        attention=(False, True),
+        attention_head_dim=8,
+        norm_num_groups=4,
+        cross_attention_dim=cross,
+        temporal_heads=2,
+    )
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _per_frame(unet2d, x, t, **kwargs):
+    """The 2D network applied to every frame of ``x`` (``b c f h w``)."""
+    b, f = x.shape[0], x.shape[2]
+    frames = rearrange(x, "b c f h w -> (b f) c h w")
+    kwargs = {k: v.repeat_interleave(f, 0) for k, v in kwargs.items()}
+    out = unet2d(frames, t.repeat_interleave(f), **kwargs).sample
+    return rearrange(out, "(b f) c h w -> b c f h w", b=b)
+
+
+@pytest.mark.parametrize("cross", [None, 16], ids=["UNet2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("perturbed", [False, True], ids=["init", "perturbed-2d"])
+def test_inflation_is_function_preserving(cross, perturbed):
+    torch.manual_seed(0)
+    cfg = _cfg(cross)
+    unet2d = build_unet2d(cfg, in_channels=3)
+    if perturbed:
+        _perturb(unet2d, 1)
+    net = VideoUNet(cfg, unet2d=copy.deepcopy(unet2d)).eval()
+    x = torch.randn(2, 3, 5, 16, 16)
+    t = torch.tensor([3, 700])
+    temb = unet2d.time_embedding.linear_2.out_features
+    kwargs = {"class_labels": torch.zeros(2, temb)}
+    if cross:
+        kwargs["encoder_hidden_states"] = torch.zeros(2, 1, cross)
+    with torch.no_grad():
+        assert (net(x, t) - _per_frame(unet2d, x, t, **kwargs)).abs().max() < 1e-5
+
+
+def test_inflate_pretrained_diffusers_dir(tmp_path):
+    """A UNet2DConditionModel saved with save_pretrained and loaded with from_pretrained inflates to the same function."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    cfg = _cfg(16)
+    _perturb(src := build_unet2d(cfg, in_channels=3), 2)
+    src.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet", use_safetensors=True)
+    net = VideoUNet(cfg, image_embed_dim=12, context_tokens=2, unet2d=copy.deepcopy(loaded)).eval()
+    x = torch.randn(1, 3, 4, 16, 16)
+    t = torch.tensor([10])
+    y = torch.randn(1, 12)
+    with torch.no_grad():
+        cond = net.image_proj(y)
+        tokens = rearrange(net.image_tokens(y), "b (k d) -> b k d", k=2)
+        ref = _per_frame(loaded, x, t, class_labels=cond, encoder_hidden_states=tokens)
+        assert (net(x, t, image_embeds=y) - ref).abs().max() < 1e-5
+
+
+def test_new_layers_start_as_identity():
+    cfg = _cfg(16)
+    net = VideoUNet(cfg)
+    convs = [m for m in net.modules() if isinstance(m, PseudoConv3d)]
+    attns = [m for m in net.modules() if isinstance(m, PseudoAttention)]
+    assert convs and attns
+    for m in convs:
+        w = m.temporal_conv.weight
+        k = w.shape[-1]
+        assert torch.equal(w[:, :, k // 2], torch.eye(w.shape[0]))
+        assert w[:, :, torch.arange(k) != k // 2].abs().sum() == 0
+    for m in attns:
+        assert m.temporal_attn.to_out.weight.abs().sum() == 0
+        assert m.temporal_attn.to_out.bias.abs().sum() == 0
+
+
+def test_temporal_off_equals_2d_network_after_training_changes():
+    """With temporal layers switched off (or on a single frame) the network is the 2D network, even once
+    the temporal layers no longer are the identity."""
+    torch.manual_seed(0)
+    cfg = _cfg(None)
+    unet2d = build_unet2d(cfg, in_channels=3)
+    net = VideoUNet(cfg, unet2d=copy.deepcopy(unet2d)).eval()
+    _perturb(net, 3)  # every weight moves, temporal ones included
+    spatial = build_unet2d(cfg, in_channels=3)
+    spatial.load_state_dict({k[len("unet."):]: v for k, v in spatial_state_dict(net).items() if k.startswith("unet.")})
+    x = torch.randn(1, 3, 4, 16, 16)
+    t = torch.tensor([50])
+    temb = unet2d.time_embedding.linear_2.out_features
+    ref = _per_frame(spatial, x, t, class_labels=torch.zeros(1, temb))
+    with torch.no_grad():
+        on = net(x, t)
+        net.set_temporal(False)
+        off = net(x, t)
+        net.set_temporal(True)
+        single = torch.cat([net(x[:, :, i : i + 1], t) for i in range(4)], dim=2)
+    assert (on - ref).abs().max() > 1e-3  # the perturbed temporal layers do act on videos
+    assert (off - ref).abs().max() < 1e-5
+    assert (single - ref).abs().max() < 1e-5
+
+
+def test_temporal_parameter_names_are_exactly_the_added_ones():
+    cfg = _cfg(16)
+    net = VideoUNet(cfg)
+    names = set(temporal_parameter_names(net))
+    assert names
+    flat = VideoUNet(UNetConfig(**{**cfg.__dict__, "temporal": False}))
+    assert len(dict(net.named_parameters())) - len(names) == len(dict(flat.named_parameters()))
+
+
+def test_inflate_twice_is_an_error():
+    unet = build_unet2d(_cfg(None), in_channels=3)
+    inflate(unet)
+    with pytest.raises(ValueError, match="already inflated"):
+        inflate(unet)
+
+
+def test_widen_input_preserves_function():
+    torch.manual_seed(0)
+    net = VideoUNet(_cfg(16), image_embed_dim=12, context_tokens=2, fps_cond=True).eval()
+    wide = widen_input(net, 4).eval()
+    x = torch.randn(1, 3, 3, 16, 16)
+    t = torch.tensor([100])
+    kw = {"image_embeds": torch.randn(1, 12), "fps": torch.tensor([8.0])}
+    with torch.no_grad():
+        ref = net(x, t, **kw)
+        out = wide(x, t, cond_frames=torch.randn(1, 4, 3, 16, 16), **kw)
+    assert (out - ref).abs().max() < 1e-6
