@@ -145,6 +145,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from stages.checkpoint import CheckpointError, load_bundle_config
+    from stages.config import ConfigError
+    from workflows.batch import JobSpec, Progress, init_ray, run_job
+    from workflows.inputs import InputError
+    from workflows.outputs import check_writable
+    from workflows.pools import load_pools
+    from workflows.presets import load_preset
+
+    try:
+        pools = load_pools(args.pools)
+        if args.checkpoint:
+            load_bundle_config(args.checkpoint)
+        else:
+            load_preset(args.preset)
+    except (ConfigError, CheckpointError) as e:
+        raise CliError(str(e)) from None
+    try:
+        check_writable(args.output)
+    except Exception as e:
+        raise CliError(f"cannot write to {args.output}: {e}") from None
+    job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=args.preset,
+                  checkpoint=args.checkpoint, seed=args.seed)
+    try:
+        init_ray(args.address, pools)
+    except Exception as e:
+        raise CliError(f"cannot start or join Ray ({args.address or 'local'}): {e}", EXIT_FAILED) from None
+    try:
+        result = run_job(job, pools, progress=Progress())
+    except InputError as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"mav: interrupted; finished videos are kept, rerun the same command to resume "
+              f"(manifest: {args.output})", file=sys.stderr)
+        return 130
+    minutes = result.wall_seconds / 60
+    made = result.ok - result.skipped
+    print(f"videos: {result.ok} ok ({made} made now, {result.skipped} from an earlier run), {result.failed} failed, "
+          f"{result.truncated} prompts truncated", file=sys.stderr)
+    print(f"wall time {result.wall_seconds:.1f}s, throughput {made / max(minutes, 1e-9):.2f} videos/min", file=sys.stderr)
+    if result.utilisation:
+        print("utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in result.utilisation.items()), file=sys.stderr)
+    print(f"manifest {result.manifest}", file=sys.stderr)
+    for rec in result.records:
+        if rec["status"] != "ok":
+            print(f"failed {rec['id']}: {rec.get('error', '')}", file=sys.stderr)
+            break
+    return 0 if result.failed == 0 else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video: text-to-video on PyTorch and Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -161,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: fresh weights from --preset)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
     gen.set_defaults(func=cmd_generate)
+
+    bat = sub.add_parser("batch", help="generate one video per prompt of prompt files on a Ray cluster")
+    bat.add_argument("--prompts", nargs="+", required=True, metavar="URL",
+                     help=".txt/.jsonl/.csv/.parquet files or globs, local or any fsspec URL (s3://...)")
+    bat.add_argument("--output", required=True, metavar="URL", help="directory/prefix for videos and manifest.parquet")
+    bat.add_argument("--pools", help="per-stage actor pools YAML (default cluster/pools.yaml)")
+    bat.add_argument("--preset", default=DEFAULT_PRESET, help="stage preset name or YAML path (default cpu)")
+    bat.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: fresh weights from --preset)")
+    bat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
+    bat.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -1,0 +1,351 @@
+"""``mav batch``: generate one video per prompt of prompt files, every stage a Ray actor pool.
+
+    mav batch --prompts s3://bucket/prompts/*.jsonl --output s3://bucket/videos/run1
+    mav batch --prompts prompts.txt --output out/ --pools cluster/pools.yaml --address ray://head:10001
+    ray job submit --working-dir . -- mav batch --prompts s3://bucket/p.txt --output s3://bucket/out
+
+Outputs under ``--output``: ``<safe id>.mp4`` per prompt, ``manifest.parquet`` (one row per prompt:
+id, prompt, parameters, output URI, status ok/failed, error, per-stage seconds) and ``_journal/``
+(one JSON-lines part per written batch). Every file is written atomically. Rerunning the same command
+generates only the rows without an ``ok`` journal record of the same parameters: exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from stages.config import STAGE_NAMES
+from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor
+from workflows.inputs import InputRow, open_inputs, read_rows
+from workflows.outputs import join, safe_name, write_bytes_atomic
+from workflows.pipeline import DEFAULT_FPS, Request
+from workflows.pools import PoolConfig
+from workflows.presets import DEFAULT_PRESET
+from workflows.runners import RUNNERS
+
+MANIFEST = "manifest.parquet"
+JOURNAL = "_journal"
+PARAMS = ("prompt", "negative_prompt", "seed", "fps", "steps", "guidance")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    prompts: tuple[str, ...]
+    output: str
+    preset: str = DEFAULT_PRESET
+    checkpoint: str | None = None
+    seed: int = 0                   # rows without a seed column use a seed derived from (seed, id)
+
+
+def row_seed(base: int, rid: str) -> int:
+    digest = hashlib.sha256(f"{base}:{rid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def to_request(row: InputRow, base_seed: int) -> Request:
+    """Validate one input row into a Request; ValueError names the bad field."""
+    f = row.fields
+
+    def number(name, kind):
+        value = f.get(name)
+        if value is None:
+            return None
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        return value
+
+    seed = number("seed", int)
+    fps = number("fps", int)
+    return Request(
+        prompt=f["prompt"],
+        negative_prompt=str(f.get("negative_prompt", "")),
+        seed=row_seed(base_seed, row.id) if seed is None else seed,
+        fps=DEFAULT_FPS if fps is None else fps,
+        steps=number("steps", int),
+        guidance=number("guidance", float),
+        id=row.id,
+    )
+
+
+def params_of(r: Request) -> dict:
+    return {
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
+        "seed": int(r.seed),
+        "fps": int(r.fps),
+        "steps": int(r.steps or 0),
+        "guidance": float("nan") if r.guidance is None else float(r.guidance),
+    }
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    for k in PARAMS:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, float) and isinstance(y, float) and np.isnan(x) and np.isnan(y):
+            continue
+        if x != y:
+            return False
+    return True
+
+
+class VideoWriter:
+    """The last pool: encode each row's frames to MP4, write it atomically, then journal the row."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from workflows.video import encode_mp4
+
+        records = []
+        for i in range(len(batch[ROW_KEY])):
+            start = time.perf_counter()
+            rid = str(batch["id"][i])
+            uri = join(self.output, f"{safe_name(rid)}.mp4")
+            write_bytes_atomic(uri, encode_mp4(batch["video"][i], float(batch["video_fps"][i])))
+            _, f, h, w = batch["video"][i].shape
+            records.append(
+                {
+                    "id": rid,
+                    "prompt": str(batch["prompt"][i]),
+                    "negative_prompt": str(batch["negative_prompt"][i]),
+                    "seed": int(batch["seed"][i]),
+                    "fps": int(batch["fps"][i]),
+                    "steps": int(batch["steps"][i]),
+                    "guidance": float(batch["guidance"][i]),
+                    "output": uri,
+                    "status": "ok",
+                    "error": "",
+                    "truncated": bool(batch["truncated"][i]),
+                    "frames": int(f),
+                    "width": int(w),
+                    "height": int(h),
+                    "video_fps": float(batch["video_fps"][i]),
+                    "seconds_writer": time.perf_counter() - start,
+                }
+            )
+        lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+        write_bytes_atomic(join(self.output, JOURNAL, f"part-{uuid.uuid4().hex}.jsonl"), lines.encode())
+        return {ROW_KEY: batch[ROW_KEY], "record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+
+def read_journal(output: str) -> dict[str, dict]:
+    """The latest ok record per id from the job's journal (empty for a new job)."""
+    fs, path = fsspec.core.url_to_fs(join(output, JOURNAL))
+    try:
+        parts = sorted(fs.ls(path, detail=True), key=lambda d: (d.get("mtime") or d.get("LastModified") or 0, d["name"]))
+    except FileNotFoundError:
+        return {}
+    done: dict[str, dict] = {}
+    for part in parts:
+        name = part["name"]
+        if not posix_basename(name).startswith("part-"):
+            continue
+        with fs.open(name, "rb") as fh:
+            for line in fh.read().decode().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("status") == "ok":
+                        done[rec["id"]] = rec
+    return done
+
+
+def posix_basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def write_manifest(output: str, records: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["id", "prompt", "negative_prompt", "seed", "fps", "steps", "guidance", "output", "status", "error",
+               "truncated", *(f"seconds_{s}" for s in (*STAGE_NAMES, "writer"))]
+    data = {c: [r.get(c) for r in records] for c in columns}
+    schema = pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
+         ("fps", pa.int64()), ("steps", pa.int64()), ("guidance", pa.float64()), ("output", pa.string()),
+         ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()),
+         *((f"seconds_{s}", pa.float64()) for s in (*STAGE_NAMES, "writer"))]
+    )
+    table = pa.Table.from_pydict(data, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = join(output, MANIFEST)
+    write_bytes_atomic(uri, buf.getvalue())
+    return uri
+
+
+def stage_specs(job: JobSpec, pools: dict[str, PoolConfig]) -> list[StageSpec]:
+    specs = [
+        StageSpec(cls.stage, functools.partial(cls, checkpoint=job.checkpoint, preset=job.preset), pools[cls.stage])
+        for cls in RUNNERS
+    ]
+    specs.append(StageSpec("writer", functools.partial(VideoWriter, job.output), pools["writer"]))
+    return specs
+
+
+class Progress:
+    """A live per-stage display (rows done, rows/s, actors busy) on stderr."""
+
+    def __init__(self, stream=sys.stderr, every: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every = every if every is not None else (1.0 if self.tty else 15.0)
+        self.last = 0.0
+        self.lines = 0
+        self.start = time.perf_counter()
+
+    def update(self, executor: StreamingExecutor, total: int | None, done: int, failed: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        wall = max(now - self.start, 1e-9)
+        head = f"videos {done}" + (f"/{total}" if total is not None else "") + f"  failed {failed}  {wall:.0f}s"
+        rows = [head] + [
+            f"  {s.name:<14} {s.rows_done:>6} rows  {s.rows_done / wall:6.2f} rows/s  busy {s.busy_actors}/{s.actors}"
+            f"  queued {s.queued_rows}"
+            for s in executor.snapshot()
+        ]
+        if self.tty:
+            if self.lines:
+                self.stream.write(f"\x1b[{self.lines}F")
+            self.stream.write("".join(f"\x1b[2K{r}\n" for r in rows))
+            self.lines = len(rows)
+        else:
+            self.stream.write(" | ".join(r.strip() for r in rows) + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class JobResult:
+    records: list[dict]
+    ok: int
+    failed: int
+    skipped: int           # rows already done by an earlier run
+    truncated: int
+    wall_seconds: float
+    utilisation: dict[str, float]
+    manifest: str
+
+
+def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | None = None) -> JobResult:
+    """Run a batch job on the connected Ray cluster.
+
+    Raises InputError before anything is written when the input cannot be used. On Ctrl-C the
+    manifest of what was finished is written (unfinished rows marked ``pending``), then
+    KeyboardInterrupt propagates.
+    """
+    start = time.perf_counter()
+    files = open_inputs(list(job.prompts))
+    done = read_journal(job.output)
+    records: dict[str, dict] = {}
+    order: list[str] = []
+    requests: dict[int, Request] = {}
+    counts = {"skipped": 0}
+
+    def work():
+        for key, row in enumerate(read_rows(files)):
+            order.append(row.id)
+            base = {"id": row.id, "prompt": str(row.fields.get("prompt", "")), "status": "failed", "output": ""}
+            if row.error:
+                records.setdefault(row.id, {**base, "error": row.error})
+                continue
+            try:
+                req = to_request(row, job.seed)
+            except ValueError as e:
+                records[row.id] = {**base, "error": str(e)}
+                continue
+            prev = done.get(row.id)
+            if prev is not None and _same_params(prev, params_of(req)):
+                records[row.id] = prev
+                counts["skipped"] += 1
+                continue
+            requests[key] = req
+            yield {ROW_KEY: key, "id": row.id, **params_of(req)}
+
+    executor = StreamingExecutor(stage_specs(job, pools))
+    if not executor.use_gpus and any(p.gpus for p in pools.values()):
+        print("notice: the cluster has no GPUs; the pools' GPU requests are dropped", file=sys.stderr)
+    n_ok = n_failed = 0
+    interrupted = False
+    try:
+        for completion in executor.run(work()):
+            if completion.batch is not None:
+                for key, rec in zip(completion.batch[ROW_KEY], completion.batch["record"]):
+                    rec = json.loads(rec)
+                    for stage, secs in completion.seconds.get(int(key), {}).items():
+                        if stage != "writer":
+                            rec[f"seconds_{stage}"] = secs
+                    records[rec["id"]] = rec
+                    n_ok += 1
+            for key, (stage, err) in completion.failed.items():
+                req = requests[key]
+                records[req.id] = {"id": req.id, **params_of(req), "status": "failed", "output": "",
+                                   "error": f"{stage}: {err}"}
+                n_failed += 1
+            if progress is not None:
+                progress.update(executor, None, n_ok, n_failed)
+        if progress is not None:
+            progress.update(executor, None, n_ok, n_failed, force=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.perf_counter() - start
+    stats = executor.snapshot()
+    utilisation = {s.name: s.busy_seconds / (wall * max(1, s.actors)) for s in stats}
+    executor.shutdown()
+    ordered = [records[i] for i in dict.fromkeys(order) if i in records]
+    if interrupted:
+        ordered += [
+            {"id": r.id, **params_of(r), "status": "pending", "output": "", "error": "interrupted"}
+            for r in requests.values() if r.id not in records
+        ]
+    manifest = write_manifest(job.output, ordered)
+    if interrupted:
+        raise KeyboardInterrupt
+    return JobResult(
+        records=ordered,
+        ok=sum(1 for r in ordered if r["status"] == "ok"),
+        failed=sum(1 for r in ordered if r["status"] == "failed"),
+        skipped=counts["skipped"],
+        truncated=sum(1 for r in ordered if r.get("truncated")),
+        wall_seconds=wall,
+        utilisation=utilisation,
+        manifest=manifest,
+    )
+
+
+def init_ray(address: str | None, pools: dict[str, PoolConfig]) -> None:
+    """Join ``address`` (or the cluster of a ``ray job submit`` driver), else start a local instance
+    with enough logical CPUs for every pool's first actors."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(logging_level=logging.ERROR, log_to_driver=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        need = sum(p.cpus * p.min_actors for p in pools.values())
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False, **kwargs)
+

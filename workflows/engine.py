@@ -1,0 +1,365 @@
+"""A streaming executor over chained Ray actor pools.
+
+Each stage is a pool of actors running one batch function (a stage runner). The driver only moves
+ObjectRefs and row keys: a stage's output batch stays in Ray's object store and the next stage's
+actor fetches it directly, re-batched to its own batch size by slicing inside the actor. So while
+the last stage works on the first rows, the first stages already work on later ones.
+
+Bounded memory: the driver admits new rows only while fewer than ``max_rows_in_flight`` are inside
+the pipeline, so a million-row input never fills the object store. Each actor has at most
+``queue_depth`` calls outstanding, enough that it never idles waiting for the driver.
+
+Faults: actors are created with ``max_restarts=-1`` and ``max_task_retries``; Ray replaces a dead
+actor process and re-runs its in-flight calls (their inputs are still referenced by the driver). A
+batch that raises is retried row by row inside the actor, so one bad row fails alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from workflows.pools import PoolConfig
+
+ROW_KEY = "_row"
+BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class StageSpec:
+    name: str
+    factory: Callable[[], BatchFn]   # called inside the actor: load the network there, once
+    pool: PoolConfig
+
+
+def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(batches) == 1:
+        return batches[0]
+    keys = batches[0].keys()
+    return {k: np.concatenate([b[k] for b in batches]) for k in keys}
+
+
+def take_rows(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    if len(idx) == len(batch[ROW_KEY]) and np.array_equal(idx, np.arange(len(idx))):
+        return batch
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row dicts -> columns (strings as object arrays, numbers as their numpy dtype)."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        out[key] = np.array(values, dtype=object) if isinstance(values[0], str) else np.array(values)
+    return out
+
+
+class PoolActor:
+    """One actor of a stage pool: builds its batch function once, then maps batches."""
+
+    def __init__(self, factory: Callable[[], BatchFn], threads: int) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        except ImportError:
+            pass
+        self.fn = factory()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def process(self, parts: list[tuple[ray.ObjectRef, np.ndarray]]) -> tuple[dict | None, dict]:
+        batches = ray.get([ref for ref, _ in parts])
+        batch = concat_batches([take_rows(b, idx) for b, (_, idx) in zip(batches, parts)])
+        keys = [int(k) for k in batch[ROW_KEY]]
+        start = time.perf_counter()
+        failed: dict[int, str] = {}
+        try:
+            out = self.fn(batch)
+        except Exception as e:  # retry row by row so that one bad row fails alone
+            if len(keys) == 1:
+                out, failed = None, {keys[0]: _describe(e)}
+            else:
+                outs = []
+                for i, key in enumerate(keys):
+                    try:
+                        outs.append(self.fn(take_rows(batch, np.array([i]))))
+                    except Exception as row_error:
+                        failed[key] = _describe(row_error)
+                out = concat_batches(outs) if outs else None
+        ok = [int(k) for k in out[ROW_KEY]] if out is not None else []
+        meta = {"ok": ok, "failed": failed, "seconds": time.perf_counter() - start, "rows": len(keys), "pid": os.getpid()}
+        return out, meta
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+@dataclass
+class _Chunk:
+    ref: ray.ObjectRef
+    idx: np.ndarray
+    keys: list[int]
+
+
+@dataclass
+class _Call:
+    stage: int
+    actor: int
+    parts: list[tuple[ray.ObjectRef, np.ndarray]]
+    keys: list[int]
+    out_ref: ray.ObjectRef
+    started: float
+
+
+@dataclass
+class StageStats:
+    name: str
+    rows_done: int = 0
+    rows_failed: int = 0
+    calls: int = 0
+    busy_seconds: float = 0.0
+    actors: int = 0
+    busy_actors: int = 0
+    queued_rows: int = 0
+
+
+@dataclass
+class _Pool:
+    spec: StageSpec
+    gpus: float
+    actors: list = field(default_factory=list)      # ready actor handles
+    outstanding: list = field(default_factory=list)  # outstanding calls per ready actor
+    pending: dict = field(default_factory=dict)      # ready-ref -> actor handle (starting)
+    queue: deque = field(default_factory=deque)
+    queued_rows: int = 0
+    last_scale: float = 0.0
+
+
+@dataclass
+class Completion:
+    """Rows that left the last stage (``batch`` holds them) or failed somewhere (``failed``)."""
+
+    batch: dict[str, np.ndarray] | None
+    failed: dict[int, tuple[str, str]]     # row key -> (stage, error)
+    seconds: dict[int, dict[str, float]]   # row key -> stage -> seconds (its share of its batches)
+
+
+class StreamingExecutor:
+    def __init__(
+        self,
+        specs: list[StageSpec],
+        *,
+        max_rows_in_flight: int | None = None,
+        max_task_retries: int = 3,
+        use_gpus: bool | None = None,
+    ) -> None:
+        if not specs:
+            raise ValueError("a pipeline needs at least one stage")
+        if use_gpus is None:
+            use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.use_gpus = use_gpus
+        self.max_task_retries = max_task_retries
+        self.pools = [_Pool(spec=s, gpus=s.pool.gpus if use_gpus else 0.0) for s in specs]
+        self.stats = [StageStats(name=s.name) for s in specs]
+        if max_rows_in_flight is None:
+            max_rows_in_flight = sum(s.pool.max_actors * s.pool.queue_depth * s.pool.batch_size for s in specs)
+            max_rows_in_flight += specs[0].pool.batch_size
+        self.max_rows_in_flight = max_rows_in_flight
+        self.calls: dict[ray.ObjectRef, _Call] = {}
+        self.row_seconds: dict[int, dict[str, float]] = {}
+        self.started = time.perf_counter()
+        for i, pool in enumerate(self.pools):
+            for _ in range(pool.spec.pool.min_actors):
+                self._start_actor(i)
+
+    # -- actors ---------------------------------------------------------------------------
+    def _actor_options(self, pool: _Pool) -> dict:
+        p = pool.spec.pool
+        opts = {
+            "num_cpus": p.cpus,
+            "num_gpus": pool.gpus,
+            "max_restarts": -1,
+            "max_task_retries": self.max_task_retries,
+            "max_concurrency": 1,
+        }
+        if p.resources:
+            opts["resources"] = dict(p.resources)
+        return opts
+
+    def _start_actor(self, i: int) -> None:
+        pool = self.pools[i]
+        threads = max(1, int(pool.spec.pool.cpus))
+        actor = ray.remote(PoolActor).options(**self._actor_options(pool)).remote(pool.spec.factory, threads)
+        pool.pending[actor.ready.remote()] = actor
+        pool.last_scale = time.perf_counter()
+
+    def _poll_pending(self, block: bool = False) -> None:
+        for pool in self.pools:
+            if not pool.pending:
+                continue
+            refs = list(pool.pending)
+            ready, _ = ray.wait(refs, num_returns=len(refs) if block else 1, timeout=None if block else 0)
+            for ref in ready:
+                actor = pool.pending.pop(ref)
+                ray.get(ref)  # raises if the actor failed to load: a configuration error
+                pool.actors.append(actor)
+                pool.outstanding.append(0)
+
+    def wait_ready(self) -> None:
+        """Block until every pool's initial actors have loaded their networks."""
+        self._poll_pending(block=True)
+
+    def _maybe_scale(self, i: int) -> None:
+        pool = self.pools[i]
+        p = pool.spec.pool
+        total = len(pool.actors) + len(pool.pending)
+        if total >= p.max_actors or pool.pending or time.perf_counter() - pool.last_scale < 1.0:
+            return
+        saturated = all(n >= p.queue_depth for n in pool.outstanding)
+        if not saturated or pool.queued_rows < p.batch_size * max(1, len(pool.actors)):
+            return
+        avail = ray.available_resources()
+        need = {"CPU": p.cpus, "GPU": pool.gpus, **p.resources}
+        if all(avail.get(k, 0.0) >= v for k, v in need.items() if v > 0):
+            self._start_actor(i)
+
+    # -- scheduling -----------------------------------------------------------------------
+    def _upstream_drained(self, i: int, source_done: bool) -> bool:
+        if not source_done:
+            return False
+        for j in range(i):
+            if self.pools[j].queued_rows or any(c.stage == j for c in self.calls.values()):
+                return False
+        return True
+
+    def _dispatch(self, i: int, source_done: bool) -> None:
+        pool = self.pools[i]
+        b = pool.spec.pool.batch_size
+        while pool.queued_rows and (pool.queued_rows >= b or self._upstream_drained(i, source_done)):
+            free = [a for a, n in enumerate(pool.outstanding) if n < pool.spec.pool.queue_depth]
+            if not free:
+                return
+            a = min(free, key=lambda k: pool.outstanding[k])
+            parts, keys, need = [], [], b
+            while need and pool.queue:
+                chunk = pool.queue[0]
+                if len(chunk.keys) <= need:
+                    pool.queue.popleft()
+                    parts.append((chunk.ref, chunk.idx))
+                    keys += chunk.keys
+                    need -= len(chunk.keys)
+                else:
+                    parts.append((chunk.ref, chunk.idx[:need]))
+                    keys += chunk.keys[:need]
+                    pool.queue[0] = _Chunk(chunk.ref, chunk.idx[need:], chunk.keys[need:])
+                    need = 0
+            pool.queued_rows -= len(keys)
+            out_ref, meta_ref = pool.actors[a].process.options(num_returns=2).remote(parts)
+            pool.outstanding[a] += 1
+            self.calls[meta_ref] = _Call(i, a, parts, keys, out_ref, time.perf_counter())
+
+    def _enqueue(self, i: int, ref: ray.ObjectRef, keys: list[int]) -> None:
+        pool = self.pools[i]
+        pool.queue.append(_Chunk(ref, np.arange(len(keys)), keys))
+        pool.queued_rows += len(keys)
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def run(self, rows: Iterable[dict]) -> Iterator[Completion]:
+        """Stream ``rows`` (dicts with a unique int ``_row`` key) through every stage.
+
+        Yields a :class:`Completion` each time rows leave the last stage or fail.
+        """
+        source = iter(rows)
+        source_done = False
+        buffer: list[dict] = []
+        self._in_flight = 0
+        b0 = self.pools[0].spec.pool.batch_size
+        while True:
+            self._poll_pending()
+            while not source_done and self._in_flight + len(buffer) < self.max_rows_in_flight:
+                try:
+                    buffer.append(next(source))
+                except StopIteration:
+                    source_done = True
+                    break
+                if len(buffer) >= b0:
+                    break
+            if buffer and (len(buffer) >= b0 or source_done or self._in_flight + len(buffer) >= self.max_rows_in_flight):
+                keys = [int(r[ROW_KEY]) for r in buffer]
+                self._enqueue(0, ray.put(rows_to_batch(buffer)), keys)
+                self._in_flight += len(buffer)
+                buffer = []
+            for i in reversed(range(len(self.pools))):
+                self._dispatch(i, source_done and not buffer)
+                self._maybe_scale(i)
+            if source_done and not buffer and not self.calls and not any(p.queued_rows for p in self.pools):
+                return
+            if not self.calls:
+                if not any(p.actors for p in self.pools if p.queued_rows):
+                    self._poll_pending(block=True)
+                continue
+            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=0.1)
+            for meta_ref in ready:
+                completion = self._complete(meta_ref)
+                if completion is not None:
+                    yield completion
+
+    def _complete(self, meta_ref: ray.ObjectRef) -> Completion | None:
+        call = self.calls.pop(meta_ref)
+        pool = self.pools[call.stage]
+        name = pool.spec.name
+        if call.actor < len(pool.outstanding):
+            pool.outstanding[call.actor] -= 1
+        stats = self.stats[call.stage]
+        last = call.stage == len(self.pools) - 1
+        try:
+            meta = ray.get(meta_ref)
+        except (ray.exceptions.RayError, Exception) as e:  # actor lost beyond its retries, or a bug
+            self._in_flight -= len(call.keys)
+            stats.rows_failed += len(call.keys)
+            err = _describe(e)
+            return Completion(None, {k: (name, err) for k in call.keys}, {})
+        stats.calls += 1
+        stats.busy_seconds += meta["seconds"]
+        stats.rows_done += len(meta["ok"])
+        stats.rows_failed += len(meta["failed"])
+        share = meta["seconds"] / max(1, meta["rows"])
+        for k in call.keys:
+            self.row_seconds.setdefault(k, {})[name] = share
+        failed = {k: (name, err) for k, err in meta["failed"].items()}
+        self._in_flight -= len(failed)
+        if not last:
+            if meta["ok"]:
+                self._enqueue(call.stage + 1, call.out_ref, meta["ok"])
+            return Completion(None, failed, {}) if failed else None
+        batch = ray.get(call.out_ref) if meta["ok"] else None
+        self._in_flight -= len(meta["ok"])
+        done = meta["ok"] + list(failed)
+        seconds = {k: self.row_seconds.pop(k, {}) for k in done}
+        return Completion(batch, failed, seconds)
+
+    def snapshot(self) -> list[StageStats]:
+        for pool, stats in zip(self.pools, self.stats):
+            stats.actors = len(pool.actors)
+            stats.busy_actors = sum(1 for n in pool.outstanding if n > 0)
+            stats.queued_rows = pool.queued_rows
+        return self.stats
+
+    def shutdown(self) -> None:
+        for pool in self.pools:
+            for actor in [*pool.actors, *pool.pending.values()]:
+                ray.kill(actor, no_restart=True)
+            pool.actors.clear()
+            pool.pending.clear()

@@ -1,0 +1,120 @@
+"""Per-stage actor pools for batch jobs, read from a YAML file (default ``cluster/pools.yaml``).
+
+    decoder:
+      actors: {min: 1, max: 4}   # or a fixed count: actors: 2
+      gpus: 1                    # per actor, fractional allowed
+      cpus: 1                    # per actor; also the torch thread count inside it
+      batch_size: 2
+      resources: {decoder_node: 1}   # optional custom resources (pin to a node type)
+
+Every stage has its own section; a stage left out gets the defaults below. Unknown stages or keys
+are errors that name them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+import fsspec
+import yaml
+
+from stages.config import STAGE_NAMES, ConfigError
+
+POOL_STAGES = (*STAGE_NAMES, "writer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    min_actors: int = 1             # actors started with the job
+    max_actors: int = 1             # the pool grows up to this many while the stage is the backlog
+    gpus: float = 0.0               # GPUs per actor (fractional: several actors share a GPU)
+    cpus: float = 1.0               # CPUs per actor
+    batch_size: int = 1             # rows per call
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
+    queue_depth: int = 2            # calls queued per actor, so an actor never waits for the driver
+
+    def __post_init__(self) -> None:
+        if self.min_actors < 1 or self.max_actors < self.min_actors:
+            raise ConfigError(f"actors: need 1 <= min <= max, got min={self.min_actors} max={self.max_actors}")
+        if self.gpus < 0 or self.cpus < 0:
+            raise ConfigError("gpus and cpus must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.queue_depth < 1:
+            raise ConfigError(f"queue_depth must be >= 1, got {self.queue_depth}")
+
+
+def default_pools_file() -> str:
+    return str(resources.files("cluster") / "pools.yaml")
+
+
+def _pool(stage: str, data: object) -> PoolConfig:
+    if data is None:
+        return PoolConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{stage}: expected a mapping")
+    known = {"actors", "gpus", "cpus", "batch_size", "resources", "queue_depth"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key '{stage}.{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
+    kwargs: dict = {}
+    actors = data.get("actors", 1)
+    if isinstance(actors, dict):
+        extra = sorted(set(actors) - {"min", "max"})
+        if extra:
+            raise ConfigError(f"unknown key '{stage}.actors.{extra[0]}'; expected min, max")
+        kwargs["min_actors"] = _int(f"{stage}.actors.min", actors.get("min", 1))
+        kwargs["max_actors"] = _int(f"{stage}.actors.max", actors.get("max", kwargs["min_actors"]))
+    else:
+        kwargs["min_actors"] = kwargs["max_actors"] = _int(f"{stage}.actors", actors)
+    for key in ("gpus", "cpus"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{stage}.{key}: expected a number, got {value!r}")
+            kwargs[key] = float(value)
+    for key in ("batch_size", "queue_depth"):
+        if key in data:
+            kwargs[key] = _int(f"{stage}.{key}", data[key])
+    if "resources" in data:
+        res = data["resources"] or {}
+        if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in res.values()):
+            raise ConfigError(f"{stage}.resources: expected a mapping of resource name to amount")
+        kwargs["resources"] = {str(k): float(v) for k, v in res.items()}
+    try:
+        return PoolConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{stage}: {e}") from None
+
+
+def _int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def parse_pools(text: str, where: str = "pools") -> dict[str, PoolConfig]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of stage name to pool")
+    unknown = sorted(set(data) - set(POOL_STAGES))
+    if unknown:
+        raise ConfigError(f"{where}: unknown stage {unknown[0]!r}; expected one of: {', '.join(POOL_STAGES)}")
+    try:
+        return {stage: _pool(stage, data.get(stage)) for stage in POOL_STAGES}
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_pools(path: str | None = None) -> dict[str, PoolConfig]:
+    path = path or default_pools_file()
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read pools file {path}: {e}") from None
+    return parse_pools(text, where=path)
