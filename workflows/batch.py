@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ import fsspec
 import numpy as np
 
 from stages.config import STAGE_NAMES
-from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor
+from workflows.engine import ROW_KEY, SECONDS_PREFIX, StageSpec, StreamingExecutor
 from workflows.inputs import InputRow, open_inputs, read_rows
 from workflows.outputs import join, safe_name, write_bytes_atomic
 from workflows.pipeline import DEFAULT_FPS, Request
@@ -138,6 +139,10 @@ class VideoWriter:
                     "height": int(h),
                     "video_fps": float(batch["video_fps"][i]),
                     "seconds_writer": time.perf_counter() - start,
+                    **{
+                        f"seconds_{k[len(SECONDS_PREFIX):]}": float(v[i])
+                        for k, v in batch.items() if k.startswith(SECONDS_PREFIX)
+                    },
                 }
             )
         lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
@@ -280,19 +285,30 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
             requests[key] = req
             yield {ROW_KEY: key, "id": row.id, **params_of(req)}
 
+    rows = work()
+    first = next(rows, None)
+    if first is None:  # nothing left to generate: no actors needed
+        ordered = [records[i] for i in dict.fromkeys(order) if i in records]
+        return JobResult(
+            records=ordered,
+            ok=sum(1 for r in ordered if r["status"] == "ok"),
+            failed=sum(1 for r in ordered if r["status"] == "failed"),
+            skipped=counts["skipped"],
+            truncated=sum(1 for r in ordered if r.get("truncated")),
+            wall_seconds=time.perf_counter() - start,
+            utilisation={},
+            manifest=write_manifest(job.output, ordered),
+        )
     executor = StreamingExecutor(stage_specs(job, pools))
     if not executor.use_gpus and any(p.gpus for p in pools.values()):
         print("notice: the cluster has no GPUs; the pools' GPU requests are dropped", file=sys.stderr)
     n_ok = n_failed = 0
     interrupted = False
     try:
-        for completion in executor.run(work()):
+        for completion in executor.run(itertools.chain([first], rows)):
             if completion.batch is not None:
-                for key, rec in zip(completion.batch[ROW_KEY], completion.batch["record"]):
+                for rec in completion.batch["record"]:
                     rec = json.loads(rec)
-                    for stage, secs in completion.seconds.get(int(key), {}).items():
-                        if stage != "writer":
-                            rec[f"seconds_{stage}"] = secs
                     records[rec["id"]] = rec
                     n_ok += 1
             for key, (stage, err) in completion.failed.items():

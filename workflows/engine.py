@@ -28,6 +28,7 @@ import ray
 from workflows.pools import PoolConfig
 
 ROW_KEY = "_row"
+SECONDS_PREFIX = "_seconds_"
 BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -63,7 +64,8 @@ def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 class PoolActor:
     """One actor of a stage pool: builds its batch function once, then maps batches."""
 
-    def __init__(self, factory: Callable[[], BatchFn], threads: int) -> None:
+    def __init__(self, name: str, factory: Callable[[], BatchFn], threads: int) -> None:
+        self.name = name
         try:
             import torch
 
@@ -94,8 +96,11 @@ class PoolActor:
                     except Exception as row_error:
                         failed[key] = _describe(row_error)
                 out = concat_batches(outs) if outs else None
+        seconds = time.perf_counter() - start
         ok = [int(k) for k in out[ROW_KEY]] if out is not None else []
-        meta = {"ok": ok, "failed": failed, "seconds": time.perf_counter() - start, "rows": len(keys), "pid": os.getpid()}
+        if out is not None:  # each row carries its share of every stage's time to the end of the pipeline
+            out[f"{SECONDS_PREFIX}{self.name}"] = np.full(len(ok), seconds / max(1, len(keys)))
+        meta = {"ok": ok, "failed": failed, "seconds": seconds, "rows": len(keys), "pid": os.getpid()}
         return out, meta
 
 
@@ -147,11 +152,11 @@ class _Pool:
 
 @dataclass
 class Completion:
-    """Rows that left the last stage (``batch`` holds them) or failed somewhere (``failed``)."""
+    """Rows that left the last stage (``batch`` holds them, with ``_seconds_<stage>`` columns: each row's
+    share of its batches' time in every stage) or failed somewhere (``failed``)."""
 
     batch: dict[str, np.ndarray] | None
     failed: dict[int, tuple[str, str]]     # row key -> (stage, error)
-    seconds: dict[int, dict[str, float]]   # row key -> stage -> seconds (its share of its batches)
 
 
 class StreamingExecutor:
@@ -176,7 +181,6 @@ class StreamingExecutor:
             max_rows_in_flight += specs[0].pool.batch_size
         self.max_rows_in_flight = max_rows_in_flight
         self.calls: dict[ray.ObjectRef, _Call] = {}
-        self.row_seconds: dict[int, dict[str, float]] = {}
         self.started = time.perf_counter()
         for i, pool in enumerate(self.pools):
             for _ in range(pool.spec.pool.min_actors):
@@ -199,7 +203,7 @@ class StreamingExecutor:
     def _start_actor(self, i: int) -> None:
         pool = self.pools[i]
         threads = max(1, int(pool.spec.pool.cpus))
-        actor = ray.remote(PoolActor).options(**self._actor_options(pool)).remote(pool.spec.factory, threads)
+        actor = ray.remote(PoolActor).options(**self._actor_options(pool)).remote(pool.spec.name, pool.spec.factory, threads)
         pool.pending[actor.ready.remote()] = actor
         pool.last_scale = time.perf_counter()
 
@@ -330,25 +334,20 @@ class StreamingExecutor:
             self._in_flight -= len(call.keys)
             stats.rows_failed += len(call.keys)
             err = _describe(e)
-            return Completion(None, {k: (name, err) for k in call.keys}, {})
+            return Completion(None, {k: (name, err) for k in call.keys})
         stats.calls += 1
         stats.busy_seconds += meta["seconds"]
         stats.rows_done += len(meta["ok"])
         stats.rows_failed += len(meta["failed"])
-        share = meta["seconds"] / max(1, meta["rows"])
-        for k in call.keys:
-            self.row_seconds.setdefault(k, {})[name] = share
         failed = {k: (name, err) for k, err in meta["failed"].items()}
         self._in_flight -= len(failed)
         if not last:
             if meta["ok"]:
                 self._enqueue(call.stage + 1, call.out_ref, meta["ok"])
-            return Completion(None, failed, {}) if failed else None
+            return Completion(None, failed) if failed else None
         batch = ray.get(call.out_ref) if meta["ok"] else None
         self._in_flight -= len(meta["ok"])
-        done = meta["ok"] + list(failed)
-        seconds = {k: self.row_seconds.pop(k, {}) for k in done}
-        return Completion(batch, failed, seconds)
+        return Completion(batch, failed)
 
     def snapshot(self) -> list[StageStats]:
         for pool, stats in zip(self.pools, self.stats):
