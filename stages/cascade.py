@@ -233,15 +233,18 @@ def super_resolve_frames(
     chunks = range(0, frames.shape[0], cfg.frame_batch)
     outs = []
     for i, start in enumerate(chunks):
-        sl = slice(start, start + cfg.frame_batch)
-        up = upsample(frames[sl], size)
+        # Every pass has the same batch size (the last chunk is padded by repeating its last frame),
+        # so a frame's result does not depend on which chunk it fell in, to the last bit.
+        idx = torch.arange(start, start + cfg.frame_batch, device=dev).clamp(max=frames.shape[0] - 1)
+        n = min(cfg.frame_batch, frames.shape[0] - start)
+        up = upsample(frames[idx], size)
         level = torch.full((up.shape[0],), cfg.noise_level, dtype=torch.long, device=dev)
-        cond = {"cond_frames": add_noise(cfg.diffusion, up, aug[sl], level), "noise_level": level.float()}
+        cond = {"cond_frames": add_noise(cfg.diffusion, up, aug[idx], level), "noise_level": level.float()}
 
         def chunk_progress(step: int, total: int, i=i) -> None:
             if progress is not None:
                 progress(i * total + step, len(chunks) * total)
 
-        outs.append(sample(net, noise[sl], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress))
+        outs.append(sample(net, noise[idx], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress)[:n])
     return rearrange(torch.cat(outs), "(b f) c 1 h w -> b c f h w", b=b)
 

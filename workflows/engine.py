@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -181,6 +182,8 @@ class StreamingExecutor:
             max_rows_in_flight += specs[0].pool.batch_size
         self.max_rows_in_flight = max_rows_in_flight
         self.calls: dict[ray.ObjectRef, _Call] = {}
+        self.token = uuid.uuid4().hex[:8]
+        self.started_actors = 0
         self.started = time.perf_counter()
         for i, pool in enumerate(self.pools):
             for _ in range(pool.spec.pool.min_actors):
@@ -203,7 +206,11 @@ class StreamingExecutor:
     def _start_actor(self, i: int) -> None:
         pool = self.pools[i]
         threads = max(1, int(pool.spec.pool.cpus))
-        actor = ray.remote(PoolActor).options(**self._actor_options(pool)).remote(pool.spec.name, pool.spec.factory, threads)
+        # Named "mav-<job>-<stage>-<n>" so operators (and tests) can find a stage's actors.
+        name = f"mav-{self.token}-{pool.spec.name}-{self.started_actors}"
+        self.started_actors += 1
+        options = self._actor_options(pool)
+        actor = ray.remote(PoolActor).options(name=name, **options).remote(pool.spec.name, pool.spec.factory, threads)
         pool.pending[actor.ready.remote()] = actor
         pool.last_scale = time.perf_counter()
 
