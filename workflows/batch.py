@@ -260,26 +260,24 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     start = time.perf_counter()
     files = open_inputs(list(job.prompts))
     done = read_journal(job.output)
-    records: dict[str, dict] = {}
-    order: list[str] = []
+    records: dict[int, dict] = {}   # by row position: duplicate ids keep a manifest row each
     requests: dict[int, Request] = {}
     counts = {"skipped": 0}
 
     def work():
         for key, row in enumerate(read_rows(files)):
-            order.append(row.id)
             base = {"id": row.id, "prompt": str(row.fields.get("prompt", "")), "status": "failed", "output": ""}
             if row.error:
-                records.setdefault(row.id, {**base, "error": row.error})
+                records[key] = {**base, "error": row.error}
                 continue
             try:
                 req = to_request(row, job.seed)
             except ValueError as e:
-                records[row.id] = {**base, "error": str(e)}
+                records[key] = {**base, "error": str(e)}
                 continue
             prev = done.get(row.id)
             if prev is not None and _same_params(prev, params_of(req)):
-                records[row.id] = prev
+                records[key] = prev
                 counts["skipped"] += 1
                 continue
             requests[key] = req
@@ -288,7 +286,7 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     rows = work()
     first = next(rows, None)
     if first is None:  # nothing left to generate: no actors needed
-        ordered = [records[i] for i in dict.fromkeys(order) if i in records]
+        ordered = [records[k] for k in sorted(records)]
         return JobResult(
             records=ordered,
             ok=sum(1 for r in ordered if r["status"] == "ok"),
@@ -307,13 +305,12 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     try:
         for completion in executor.run(itertools.chain([first], rows)):
             if completion.batch is not None:
-                for rec in completion.batch["record"]:
-                    rec = json.loads(rec)
-                    records[rec["id"]] = rec
+                for key, rec in zip(completion.batch[ROW_KEY], completion.batch["record"]):
+                    records[int(key)] = json.loads(rec)
                     n_ok += 1
             for key, (stage, err) in completion.failed.items():
                 req = requests[key]
-                records[req.id] = {"id": req.id, **params_of(req), "status": "failed", "output": "",
+                records[key] = {"id": req.id, **params_of(req), "status": "failed", "output": "",
                                    "error": f"{stage}: {err}"}
                 n_failed += 1
             if progress is not None:
@@ -326,12 +323,10 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     stats = executor.snapshot()
     utilisation = {s.name: s.busy_seconds / (wall * max(1, s.actors)) for s in stats}
     executor.shutdown()
-    ordered = [records[i] for i in dict.fromkeys(order) if i in records]
     if interrupted:
-        ordered += [
-            {"id": r.id, **params_of(r), "status": "pending", "output": "", "error": "interrupted"}
-            for r in requests.values() if r.id not in records
-        ]
+        for key, r in requests.items():
+            records.setdefault(key, {"id": r.id, **params_of(r), "status": "pending", "output": "", "error": "interrupted"})
+    ordered = [records[k] for k in sorted(records)]
     manifest = write_manifest(job.output, ordered)
     if interrupted:
         raise KeyboardInterrupt

@@ -6,7 +6,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
+    """Started after the S3 server so that Ray's workers inherit its AWS_* environment, as workers on a
+    real node inherit the node's credentials."""
     import ray
 
     if not ray.is_initialized():

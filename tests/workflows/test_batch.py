@@ -88,14 +88,15 @@ def test_bad_rows_fail_alone_and_the_job_goes_on(ray_session, tmp_path, tiny_pre
     )
     out = tmp_path / "out"
     result = run_job(JobSpec(prompts=(str(src),), output=str(out), preset=tiny_preset_file), pools)
-    rows = {r["id"]: r for r in _manifest(str(out))}
-    assert rows["ok1"]["status"] == "ok" and rows["long"]["status"] == "ok"
+    manifest = _manifest(str(out))
+    assert [(r["status"], "duplicate id" in r["error"]) for r in manifest if r["id"] == "ok1"] == [("ok", False), ("failed", True)]
+    rows = {r["id"]: r for r in manifest}
+    assert rows["long"]["status"] == "ok"
     assert rows["long"]["truncated"] is True and result.truncated == 1
     assert "fps" in rows["badfps"]["error"] and rows["badfps"]["status"] == "failed"
     assert "steps" in rows["badsteps"]["error"]
-    assert "UTF-8" in rows["bytes"]["error"]
-    dup = [r for r in result.records if r["id"] == "ok1"]
-    assert len(dup) == 1 and result.failed == 4 and result.ok == 2
+    assert "UTF-8" in rows["p-000005"]["error"]  # an undecodable line keeps its line-number id
+    assert len(manifest) == 6 and result.failed == 4 and result.ok == 2
     assert len(_videos(str(out))) == 2
 
 
