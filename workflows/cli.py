@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mav: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an unexpected failure: one line unless MAV_DEBUG asks for the traceback
+        if os.environ.get("MAV_DEBUG"):
+            raise
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        print(f"mav: error: {type(e).__name__}: {lines[0] if lines else ''} (MAV_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
