@@ -81,7 +81,8 @@ def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
         write_bytes_atomic(join(directory, WEIGHTS_FILE), safetensors.torch.save(_state_for_saving(module)))
         unet = getattr(module, "unet", None)
         if unet is not None:
-            write_bytes_atomic(join(directory, UNET2D_FILE), json.dumps(dict(unet.config), indent=2, default=list).encode())
+            config = {"_class_name": type(unet).__name__, **dict(unet.config)}
+            write_bytes_atomic(join(directory, UNET2D_FILE), json.dumps(config, indent=2, default=list).encode())
         write_bytes_atomic(join(directory, CONFIG_FILE), dump_yaml(cfg).encode())
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {directory}: {e}") from None
@@ -107,8 +108,11 @@ def _unet2d_from_json(text: str) -> nn.Module:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     config = json.loads(text)
-    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-    return cls.from_config(config)
+    classes = {"UNet2DConditionModel": UNet2DConditionModel, "UNet2DModel": UNet2DModel}
+    name = config.get("_class_name")
+    if name not in classes:
+        raise CheckpointError(f"{UNET2D_FILE}: _class_name must be one of {', '.join(classes)}, got {name!r}")
+    return classes[name].from_config(config)
 
 
 def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tuple[object, nn.Module]:

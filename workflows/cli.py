@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
     bat.set_defaults(func=cmd_batch)
+
+    from workflows.train import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,504 @@
+"""Benchmarks of `mav batch`: the streaming executor against its bound, Ray Data and the in-process pipeline.
+
+    .venv/bin/python benchmarks/batch.py                                  # every section, ~10 min on 2 cores
+    .venv/bin/python benchmarks/batch.py --sections efficiency scaleout   # any of: efficiency overhead scaleout memory dtype
+
+Sections (figures go into BENCHMARKS.md, "Batch generation (mav batch)"):
+
+efficiency  Six stages whose cost per call is a known ``time.sleep`` (standing in for GPU work), each with its own
+            batch size and pool size, run by (a) our StreamingExecutor, (b) Ray Data ``map_batches`` on actor
+            pools with default settings, (c) Ray Data tuned (one input block per first-stage batch, tiny output
+            blocks). Stage s costs c_s seconds per call of b_s rows on p_s actors. Bound:
+                T_bound = N · max_s c_s / (b_s · p_s)
+            and efficiency = T_bound / T, where T runs from the first stage's first call starting to the last
+            stage's last call ending (actor start-up excluded; wall time with start-up is printed too). The
+            latency-aware bound T_fill = T_bound + Σ_{s≠k} c_s (k the bottleneck) also counts the first row's
+            way to the bottleneck and the last row's way out of it; no schedule can beat it either.
+overhead    The tests' TINY cascade (more sampling steps so compute dominates), 12 prompts, batches of 4 in every
+            stage: the executor with one actor per stage (1 CPU, 1 torch thread each; run_job's stage specs,
+            MP4 writer included) against the in-process Pipeline (2 torch threads) plus MP4 encoding and writing.
+            Steady state excludes actor start-up, which is printed separately, as is run_job end to end.
+scaleout    Sleep stages, one actor each; the bottleneck stage's pool 1 -> 2 (and autoscaled min 1, max 2).
+memory      CPU preset (cluster/presets/cpu.yaml), 2 rows, batch size 1, 2 sampling steps per stage (shapes and
+            per-step memory as with the preset's steps): Ray's size of every stage's output object, per row,
+            and each stage actor's peak RSS (getrusage ru_maxrss) after loading and after its rows.
+dtype       Frames crossing stages as uint8, float16 or float32: bytes, encode time, ray.put, ray.get and decode to
+            a float32 tensor in another actor, and the quantisation error against the float32 frames.
+
+Timings are medians of repeated runs within one invocation; on a shared machine compare only figures of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tests.conftest holds the TINY cascade the tests use
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor  # noqa: E402
+from workflows.pools import PoolConfig  # noqa: E402
+
+SECTIONS = ("efficiency", "overhead", "scaleout", "memory", "dtype")
+STAGES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
+
+
+# -- sleep stages ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SleepStage:
+    name: str
+    seconds: float      # c_s: cost of one call, whatever its number of rows (a GPU batch costs about the same)
+    batch_size: int     # b_s
+    actors: int         # p_s
+
+    @property
+    def per_row(self) -> float:
+        return self.seconds / (self.batch_size * self.actors)
+
+
+class Sleeper:
+    """A stage's batch function: sleeps its cost, stamps each row with the call's start, end and 1/rows."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name, self.seconds = name, seconds
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.time()
+        time.sleep(self.seconds)
+        n = len(batch[ROW_KEY])
+        return {**batch, f"_start_{self.name}": np.full(n, start), f"_end_{self.name}": np.full(n, time.time()),
+                f"_calls_{self.name}": np.full(n, 1.0 / n)}
+
+
+# Bottleneck sr_high: 80 ms / (1 row · 4 actors) = 20 ms per row; the next slowest stage 15 ms per row.
+EFFICIENCY_STAGES = (
+    SleepStage("clip", 0.02, 16, 1),
+    SleepStage("prior", 0.04, 16, 1),
+    SleepStage("decoder", 0.10, 4, 2),
+    SleepStage("interpolation", 0.05, 2, 2),
+    SleepStage("sr_low", 0.06, 1, 4),
+    SleepStage("sr_high", 0.08, 1, 4),
+)
+# One actor per stage; the decoder is the bottleneck at 80 ms per row, and stays it at 40 ms with 2 actors.
+SCALEOUT_STAGES = (
+    SleepStage("clip", 0.01, 16, 1),
+    SleepStage("prior", 0.02, 16, 1),
+    SleepStage("decoder", 0.08, 1, 1),
+    SleepStage("interpolation", 0.03, 1, 1),
+    SleepStage("sr_low", 0.03, 1, 1),
+    SleepStage("sr_high", 0.035, 1, 1),
+)
+
+
+def bounds(stages: tuple[SleepStage, ...], n: int) -> tuple[float, float]:
+    """(T_bound, T_fill) for n rows."""
+    k = max(range(len(stages)), key=lambda i: stages[i].per_row)
+    t_bound = n * stages[k].per_row
+    return t_bound, t_bound + sum(s.seconds for i, s in enumerate(stages) if i != k)
+
+
+def sleep_rows(n: int) -> list[dict]:
+    return [{ROW_KEY: i, "payload": np.arange(64, dtype=np.float32) + i} for i in range(n)]
+
+
+@dataclass
+class SleepRun:
+    span: float          # first call start -> last call end
+    wall: float          # including actor start-up
+    calls: dict[str, int]
+    rows: int
+
+
+def _summarise(cols: dict[str, np.ndarray], stages: tuple[SleepStage, ...], wall: float) -> SleepRun:
+    first, last = stages[0].name, stages[-1].name
+    span = float(cols[f"_end_{last}"].max() - cols[f"_start_{first}"].min())
+    calls = {s.name: int(round(cols[f"_calls_{s.name}"].sum())) for s in stages}
+    return SleepRun(span, wall, calls, len(cols[ROW_KEY]))
+
+
+def run_executor(stages: tuple[SleepStage, ...], n: int, *, autoscale: dict[str, int] | None = None) -> SleepRun:
+    autoscale = autoscale or {}
+    specs = [
+        StageSpec(s.name, functools.partial(Sleeper, s.name, s.seconds),
+                  PoolConfig(min_actors=s.actors, max_actors=autoscale.get(s.name, s.actors), batch_size=s.batch_size))
+        for s in stages
+    ]
+    start = time.perf_counter()
+    executor = StreamingExecutor(specs, use_gpus=False)
+    executor.wait_ready()
+    batches = []
+    for c in executor.run(sleep_rows(n)):
+        if c.failed:
+            raise RuntimeError(f"rows failed: {c.failed}")
+        batches.append(c.batch)
+    wall = time.perf_counter() - start
+    executor.shutdown()
+    keys = batches[0].keys()
+    return _summarise({k: np.concatenate([b[k] for b in batches]) for k in keys}, stages, wall)
+
+
+def run_ray_data(stages: tuple[SleepStage, ...], n: int, *, tuned: bool) -> SleepRun:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    if tuned:
+        ctx.target_max_block_size = 1   # every output batch (and block) split to rows: bundles are exact batches
+    try:
+        rows = sleep_rows(n)
+        ds = (ray.data.from_items(rows, override_num_blocks=n // stages[0].batch_size) if tuned
+              else ray.data.from_items(rows))
+        for s in stages:
+            ds = ds.map_batches(Sleeper, fn_constructor_args=(s.name, s.seconds), batch_size=s.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=s.actors), num_cpus=1, batch_format="numpy")
+        start = time.perf_counter()
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        wall = time.perf_counter() - start
+    finally:
+        ctx.target_max_block_size = saved
+    keys = batches[0].keys()
+    return _summarise({k: np.concatenate([b[k] for b in batches]) for k in keys}, stages, wall)
+
+
+def section_efficiency(reps: int, n: int) -> None:
+    stages = EFFICIENCY_STAGES
+    t_bound, t_fill = bounds(stages, n)
+    print(f"\n== efficiency: {n} rows, 6 sleep stages, median of {reps} runs ==")
+    print("stage           c_s(s)  b_s  p_s  c_s/(b_s·p_s)(ms/row)  calls if full")
+    for s in stages:
+        print(f"  {s.name:<13} {s.seconds:6.3f} {s.batch_size:4d} {s.actors:4d} {1e3 * s.per_row:15.2f} {n // s.batch_size:14d}")
+    print(f"T_bound = N·max_s c_s/(b_s·p_s) = {t_bound:.3f} s   T_fill = T_bound + Σ_(s≠bottleneck) c_s = {t_fill:.3f} s")
+    engines = {
+        "executor": lambda: run_executor(stages, n),
+        "ray-data-default": lambda: run_ray_data(stages, n, tuned=False),
+        "ray-data-tuned": lambda: run_ray_data(stages, n, tuned=True),
+    }
+    results: dict[str, list[SleepRun]] = {k: [] for k in engines}
+    for _ in range(reps):  # interleaved, so that a busy spell of the shared machine hits every engine
+        for name, fn in engines.items():
+            results[name].append(fn())
+    print("engine             T(s)   T_bound/T  T_fill/T  wall incl. start-up(s)  calls per stage (median run)")
+    for name, runs in results.items():
+        assert all(r.rows == n for r in runs), name
+        span = statistics.median(r.span for r in runs)
+        wall = statistics.median(r.wall for r in runs)
+        mid = sorted(runs, key=lambda r: r.span)[len(runs) // 2]
+        calls = " ".join(f"{k}={v}" for k, v in mid.calls.items())
+        print(f"  {name:<16} {span:6.3f} {t_bound / span:9.3f} {t_fill / span:9.3f} {wall:14.2f}            {calls}")
+        print(f"  {'':<16} all T: {', '.join(f'{r.span:.3f}' for r in runs)}")
+
+
+def section_scaleout(reps: int, n: int) -> None:
+    one = SCALEOUT_STAGES
+    two = tuple(SleepStage(s.name, s.seconds, s.batch_size, 2) if s.name == "decoder" else s for s in one)
+    print(f"\n== scale-out: {n} rows, bottleneck decoder pool 1 -> 2, median of {reps} runs ==")
+    for s in one:
+        print(f"  {s.name:<13} c_s={s.seconds:.3f}s b_s={s.batch_size} p_s=1 -> {1e3 * s.per_row:.1f} ms/row")
+    configs = {
+        "decoder x1": (one, None),
+        "decoder x2": (two, None),
+        "decoder autoscaled 1..2": (one, {"decoder": 2}),
+    }
+    results: dict[str, list[SleepRun]] = {k: [] for k in configs}
+    for _ in range(reps):
+        for name, (stages, autoscale) in configs.items():
+            results[name].append(run_executor(stages, n, autoscale=autoscale))
+    base = statistics.median(r.span for r in results["decoder x1"])
+    print("config                   T(s)    rows/s  speed-up vs x1  T_bound/T  wall incl. start-up(s)")
+    for name, runs in results.items():
+        stages = configs[name][0] if configs[name][1] is None else two
+        span = statistics.median(r.span for r in runs)
+        wall = statistics.median(r.wall for r in runs)
+        print(f"  {name:<22} {span:6.3f} {n / span:8.2f} {base / span:12.2f}x {bounds(stages, n)[0] / span:10.3f}"
+              f" {wall:12.2f}")
+        print(f"  {'':<22} all T: {', '.join(f'{r.span:.3f}' for r in runs)}")
+
+
+# -- real stages ----------------------------------------------------------------------------------
+
+def tiny_preset(directory: str, steps: int) -> str:
+    from stages.config import CascadeConfig, dump_yaml, from_dict
+    from tests.conftest import TINY
+
+    data = {k: ({**v, "diffusion": {**v["diffusion"], "steps": steps}} if "diffusion" in v else v) for k, v in TINY.items()}
+    path = os.path.join(directory, "tiny.yaml")
+    with open(path, "w") as f:
+        f.write(dump_yaml(from_dict(CascadeConfig, data)))
+    return path
+
+
+def uniform_pools(batch_size: int):
+    from workflows.pools import POOL_STAGES
+
+    return {s: PoolConfig(batch_size=batch_size, cpus=1) for s in POOL_STAGES}
+
+
+def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
+    from workflows.batch import JobSpec, params_of, run_job, stage_specs
+    from workflows.outputs import write_bytes_atomic
+    from workflows.pipeline import Pipeline, Request
+    from workflows.video import encode_mp4
+
+    print(f"\n== overhead vs in-process: TINY cascade with {steps} steps per stage, {prompts} prompts, batches of "
+          f"{batch}, median of {reps} runs after one warm-up ==")
+    work = tempfile.mkdtemp(prefix="mav-bench-")
+    preset = tiny_preset(work, steps)
+    requests = [Request(prompt=f"a red ball bouncing, take {i}", seed=1000 + i, id=f"v{i:02d}") for i in range(prompts)]
+    rows = [{ROW_KEY: i, "id": r.id, **params_of(r)} for i, r in enumerate(requests)]
+    pools = uniform_pools(batch)
+    ray_out, local_out = os.path.join(work, "ray"), os.path.join(work, "local")
+    os.makedirs(local_out)
+
+    start = time.perf_counter()
+    pipe = Pipeline(preset=preset, device="cpu")
+    load_local = time.perf_counter() - start
+
+    def in_process() -> tuple[float, dict[str, float]]:
+        stage_seconds = dict.fromkeys([*STAGES, "writer"], 0.0)
+        start = time.perf_counter()
+        for i in range(0, len(requests), batch):
+            for video, r in zip(pipe.generate(requests[i:i + batch]), requests[i:i + batch]):
+                t = time.perf_counter()
+                write_bytes_atomic(os.path.join(local_out, f"{r.id}.mp4"), encode_mp4(video.frames, video.fps))
+                stage_seconds["writer"] += time.perf_counter() - t
+            for k, v in video.stage_seconds.items():
+                stage_seconds[k] += v
+        return time.perf_counter() - start, stage_seconds
+
+    start = time.perf_counter()
+    executor = StreamingExecutor(stage_specs(JobSpec(prompts=(), output=ray_out, preset=preset), pools), use_gpus=False)
+    executor.wait_ready()
+    startup = time.perf_counter() - start
+
+    def on_ray() -> tuple[float, dict[str, float]]:
+        before = {s.name: s.busy_seconds for s in executor.stats}
+        start = time.perf_counter()
+        done = 0
+        for c in executor.run(iter(rows)):
+            if c.failed:
+                raise RuntimeError(f"rows failed: {c.failed}")
+            done += len(c.batch[ROW_KEY])
+        assert done == len(rows)
+        return time.perf_counter() - start, {s.name: s.busy_seconds - before[s.name] for s in executor.stats}
+
+    in_process()  # warm-up: first calls allocate, first MP4 encode starts ffmpeg from cold
+    on_ray()
+    local, remote = [], []
+    for _ in range(reps):
+        local.append(in_process())
+        remote.append(on_ray())
+    executor.shutdown()
+    same = sum(open(os.path.join(local_out, f"{r.id}.mp4"), "rb").read()
+               == open(os.path.join(ray_out, f"{r.id}.mp4"), "rb").read() for r in requests)
+
+    prompts_file = os.path.join(work, "prompts.jsonl")
+    with open(prompts_file, "w") as f:
+        f.writelines(json.dumps({"prompt": r.prompt, "seed": r.seed, "id": r.id}) + "\n" for r in requests)
+    job = run_job(JobSpec(prompts=(prompts_file,), output=os.path.join(work, "job"), preset=preset), pools)
+    assert job.ok == prompts, job
+
+    t_local = statistics.median(t for t, _ in local)
+    t_ray = statistics.median(t for t, _ in remote)
+    print(f"in-process (Pipeline + encode_mp4, {torch.get_num_threads()} torch threads): {t_local:.2f} s "
+          f"(runs {', '.join(f'{t:.2f}' for t, _ in local)}); load {load_local:.2f} s")
+    print(f"executor, 1 actor per stage, 1 torch thread each:     {t_ray:.2f} s "
+          f"(runs {', '.join(f'{t:.2f}' for t, _ in remote)}); actor start-up {startup:.2f} s")
+    print(f"steady-state ratio executor / in-process: {t_ray / t_local:.3f}  ({100 * (t_ray / t_local - 1):+.1f}%)")
+    print(f"run_job end to end (start-up, manifest and journal included): {job.wall_seconds:.2f} s")
+    print(f"identical MP4 bytes, executor vs in-process: {same}/{prompts}")
+    print("stage          in-process s (2 threads)   actor busy s (1 thread)   busy / in-process")
+    mid_local = sorted(local)[len(local) // 2][1]
+    mid_ray = sorted(remote, key=lambda x: x[0])[len(remote) // 2][1]
+    for s in (*STAGES, "writer"):
+        a, b = mid_local[s], mid_ray[s]
+        print(f"  {s:<13} {a:14.2f} {b:26.2f} {b / a if a else float('nan'):17.2f}")
+    total_busy = sum(mid_ray.values())
+    print(f"  {'total':<13} {sum(mid_local.values()):14.2f} {total_busy:26.2f}"
+          f"   (actor busy total / 2 cores = {total_busy / 2:.2f} s; bottleneck actor {max(mid_ray.values()):.2f} s)")
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def object_bytes(batch: dict[str, np.ndarray]) -> int:
+    """The size Ray's object store gives ``batch`` once put."""
+    ref = ray.put(batch)
+    return int(ray.experimental.get_object_locations([ref])[ref]["object_size"])
+
+
+class Probe:
+    """Wraps a stage's batch function: stamps each row with its share of the output object's size and the actor's
+    peak RSS (after load, after this call)."""
+
+    def __init__(self, name: str, factory) -> None:
+        self.name = name
+        self.fn = factory()
+        self.loaded = maxrss_mb()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.fn(batch)
+        n = len(out[ROW_KEY])
+        own = {k: v for k, v in out.items() if not k.startswith("_probe_")}
+        frames = own["video"].nbytes if "video" in own else 0
+        return {**out, f"_probe_bytes_{self.name}": np.full(n, object_bytes(own) / n),
+                f"_probe_frames_{self.name}": np.full(n, frames / n),
+                f"_probe_rss_{self.name}": np.full(n, maxrss_mb()), f"_probe_load_{self.name}": np.full(n, self.loaded)}
+
+
+def section_memory(n: int, steps: int) -> None:
+    from workflows.batch import JobSpec, params_of, stage_specs
+    from workflows.engine import rows_to_batch
+    from workflows.pipeline import Request
+
+    print(f"\n== object-store bytes and actor memory: CPU preset, {n} rows, batch size 1, {steps} steps per stage ==")
+    work = tempfile.mkdtemp(prefix="mav-bench-")
+    requests = [Request(prompt=f"a red ball bouncing, take {i}", seed=i, id=f"m{i}", steps=steps) for i in range(n)]
+    rows = [{ROW_KEY: i, "id": r.id, **params_of(r)} for i, r in enumerate(requests)]
+    specs = [StageSpec(s.name, functools.partial(Probe, s.name, s.factory), s.pool)
+             for s in stage_specs(JobSpec(prompts=(), output=work, preset="cpu"), uniform_pools(1))]
+    executor = StreamingExecutor(specs, use_gpus=False)
+    executor.wait_ready()
+    start = time.perf_counter()
+    batches = []
+    for c in executor.run(iter(rows)):
+        if c.failed:
+            raise RuntimeError(f"rows failed: {c.failed}")
+        batches.append(c.batch)
+    seconds = time.perf_counter() - start
+    executor.shutdown()
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    input_bytes = object_bytes(rows_to_batch(rows)) / n
+    print(f"({seconds:.1f} s for the rows)")
+    print("object (producer -> consumer)      bytes/row   of which frames   actor peak RSS MiB: loaded / after rows")
+    print(f"  driver -> clip                {input_bytes:12,.0f}")
+    names = [s.name for s in specs]
+    total = input_bytes
+    for i, name in enumerate(names):
+        b = float(np.median(out[f"_probe_bytes_{name}"]))
+        f = float(np.median(out[f"_probe_frames_{name}"]))
+        to = names[i + 1] if i + 1 < len(names) else "driver"
+        total += b
+        print(f"  {name + ' -> ' + to:<28} {b:12,.0f} {f:17,.0f}      {name:<13} {out[f'_probe_load_{name}'].max():7.0f}"
+              f" / {out[f'_probe_rss_{name}'].max():7.0f}")
+    print(f"  total per video               {total:12,.0f}")
+
+
+def section_dtype(reps: int) -> None:
+    from workflows.video import from_uint8, to_uint8
+
+    print(f"\n== intermediate frame dtype: put in the driver, get + decode to float32 in an actor, median of {reps} ==")
+
+    @ray.remote(num_cpus=1)
+    class Consumer:
+        def decode(self, refs: list, kind: str) -> float:
+            start = time.perf_counter()
+            x = ray.get(refs[0])
+            if kind == "uint8":
+                t = from_uint8(x, torch.float32)
+            elif kind == "float16":
+                t = torch.from_numpy(x).float()
+            else:
+                with warnings.catch_warnings():  # plasma arrays are read-only; the network never writes its input
+                    warnings.simplefilter("ignore")
+                    t = torch.from_numpy(x)
+            float(t[0, 0, 0, 0, 0])
+            return time.perf_counter() - start
+
+    consumer = Consumer.remote()
+    ray.get(consumer.decode.remote([ray.put(np.zeros((1, 3, 1, 1, 1), np.uint8))], "uint8"))
+    g = torch.Generator().manual_seed(0)
+    encoders = {
+        "uint8": to_uint8,
+        "float16": lambda v: v.half().numpy(),
+        "float32": lambda v: v.numpy(),
+    }
+    print("shape (b c f h w)     dtype      bytes   encode ms   put ms   get+decode ms   round trip ms   max |err|")
+    for shape in ((1, 3, 76, 64, 64), (1, 3, 76, 192, 192)):
+        # uniform in [-1, 1]: every uint8 bin is hit, so the error printed is the worst case
+        video = (torch.rand(shape, generator=g) * 2 - 1).clamp(-1, 1).float()
+        for kind, encode in encoders.items():
+            enc, put, dec, trip = [], [], [], []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                x = encode(video)
+                t1 = time.perf_counter()
+                ref = ray.put(x)
+                t2 = time.perf_counter()
+                dec.append(ray.get(consumer.decode.remote([ref], kind)))
+                t3 = time.perf_counter()
+                enc.append(t1 - t0), put.append(t2 - t1), trip.append(t3 - t0)
+                del ref
+            back = from_uint8(x) if kind == "uint8" else torch.from_numpy(np.asarray(x, dtype=np.float32))
+            err = float((back - video).abs().max())
+            med = statistics.median
+            print(f"  {str(shape):<20} {kind:<8} {x.nbytes:10,d} {1e3 * med(enc):9.2f} {1e3 * med(put):8.2f}"
+                  f" {1e3 * med(dec):13.2f} {1e3 * med(trip):14.2f}   {err:.2e}")
+    ray.kill(consumer)
+    per_video = 3 * (16 * 16 * 16 + 76 * 16 * 16 + 76 * 64 * 64 + 76 * 192 * 192)
+    print(f"frames crossing stages per video (16x16^2, 76x16^2, 76x64^2, 76x192^2, 3 channels): "
+          f"uint8 {per_video:,} B, float16 {2 * per_video:,} B, float32 {4 * per_video:,} B")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per configuration (medians are printed)")
+    parser.add_argument("--rows", type=int, default=192, help="rows of the efficiency section (a multiple of 16)")
+    parser.add_argument("--scaleout-rows", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=12, help="prompts of the overhead section")
+    parser.add_argument("--steps", type=int, default=16, help="sampling steps per stage of the overhead section")
+    args = parser.parse_args(argv)
+    if args.rows % 16:
+        raise ValueError(f"--rows must be a multiple of 16 (the first stage's batch), got {args.rows}")
+
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  host {platform.node()}  "
+          f"cpus {os.cpu_count()}  gpu {torch.cuda.is_available()}  python {platform.python_version()}  "
+          f"ray {ray.__version__}  torch {torch.__version__}  numpy {np.__version__}")
+    print(f"command: {' '.join([os.path.relpath(sys.executable, ROOT), *sys.argv])}")
+    # Logical CPUs for every actor at once: sleeping actors use none, and the overhead section's 7 actors share 2 cores.
+    ray.init(num_cpus=32, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    started = time.perf_counter()
+    for section in args.sections:
+        t = time.perf_counter()
+        if section == "efficiency":
+            section_efficiency(args.reps, args.rows)
+        elif section == "overhead":
+            section_overhead(args.reps, args.prompts, args.steps, batch=4)
+        elif section == "scaleout":
+            section_scaleout(args.reps, args.scaleout_rows)
+        elif section == "memory":
+            section_memory(2, steps=2)
+        elif section == "dtype":
+            section_dtype(max(7, args.reps))
+        print(f"({section}: {time.perf_counter() - t:.0f} s)")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Training objectives of every stage, following Make-A-Video's recipe (Sec. 3.4), in pure PyTorch.
+
+No text–video pairs anywhere:
+  * ``clip``: contrastive CLIP loss on text–image pairs;
+  * ``prior``: (x_e, x̂) -> y_e on text–image pairs, the text dropped (replaced by the empty prompt)
+    with probability ``cond_drop_prob`` for classifier-free guidance;
+  * ``decoder``, ``sr_low``, ``sr_high`` on images alone: D conditioned on y_e of the image itself
+    (zeroed with probability ``cond_drop_prob``), SR on its downsampled, noise-augmented copy;
+  * ``decoder-video``, ``sr-low-video``: the image networks inflated (temporal layers at identity)
+    and fine-tuned on unlabeled 16-frame clips sampled at fps ∈ [1, 30], the fps drawn from a beta
+    distribution whose mass moves from high fps (little motion) to low fps (much motion);
+  * ``interpolation``: D^t with 4 more input channels (masked frames + mask), trained to fill
+    frames for interpolation at a random skip and extrapolation at a clip's start or end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from stages import cascade
+from stages.config import ConfigError, DiffusionConfig
+from stages.diffusion import training_loss, training_scheduler
+from stages.temporal import temporal_parameter_names
+from stages.unet import VideoUNet
+
+TRAIN_STAGES = ("clip", "prior", "decoder", "decoder-video", "interpolation", "sr-low", "sr-low-video", "sr-high")
+
+# training stage -> (cascade stage it produces, cascade stage it starts from with --init, or None)
+STAGE_OF = {
+    "clip": ("clip", None),
+    "prior": ("prior", None),
+    "decoder": ("decoder", None),
+    "decoder-video": ("decoder", "decoder"),
+    "interpolation": ("interpolation", "decoder"),
+    "sr-low": ("sr_low", None),
+    "sr-low-video": ("sr_low", "sr_low"),
+    "sr-high": ("sr_high", None),
+}
+VIDEO_STAGES = ("decoder-video", "sr-low-video", "interpolation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int = 8             # samples per worker per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0           # linear learning-rate warm-up
+    grad_clip: float = 1.0          # max gradient norm (0 disables)
+    ema_decay: float = 0.999        # EMA of the weights, saved as the stage's inference weights
+    max_steps: int = 1000
+    checkpoint_every: int = 200     # steps between checkpoints (and at the end)
+    log_every: int = 10
+    bf16: bool = False              # bfloat16 autocast (GPUs)
+    gradient_checkpointing: bool = False
+    temporal_only: bool = False     # video stages: train only the layers inflation added
+    frames: int = 16                # frames per training clip
+    fps_min: int = 1
+    fps_max: int = 30
+    fps_beta: float = 4.0           # concentration of the fps schedule's beta distribution
+    interp_skips: tuple[int, ...] = (2, 3, 5)  # frame skips ↑F trains on
+    extrapolation_prob: float = 0.3  # share of ↑F samples whose mask is a start/end extrapolation
+    noise_aug_max: int = 250        # SR: condition noised to a timestep drawn from [0, noise_aug_max]
+    cache_data: bool = True         # decode the data set once into Ray's object store (small data sets)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "checkpoint_every", "log_every", "frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.fps_min <= self.fps_max <= 30:
+            raise ConfigError(f"need 1 <= fps_min <= fps_max <= 30, got {self.fps_min}, {self.fps_max}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.interp_skips or min(self.interp_skips) < 2:
+            raise ConfigError("interp_skips must be a non-empty list of skips >= 2")
+
+
+def sample_fps(progress: float, n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """fps for ``n`` clips at training progress p ∈ [0, 1]: fps_min + (fps_max − fps_min)·u,
+    u ~ Beta(1 + k(1 − p), 1 + k p): mostly high fps (little motion) early, low fps late."""
+    p = min(max(progress, 0.0), 1.0)
+    k = cfg.fps_beta
+    beta = torch.distributions.Beta(torch.tensor(1 + k * (1 - p)), torch.tensor(1 + k * p))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        u = beta.sample((n,))
+    return (cfg.fps_min + (cfg.fps_max - cfg.fps_min) * u).round().clamp(cfg.fps_min, cfg.fps_max)
+
+
+def sample_clip(video: torch.Tensor, length: int, src_fps: float, fps: float, frames: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A ``frames``-frame clip ``c f h w`` from ``video`` (``c T h w``, first ``length`` valid) at about
+    ``fps``: stride round(src_fps / fps), shortened if the video is too short. Returns (clip, actual fps)."""
+    stride = max(1, round(src_fps / fps))
+    stride = max(1, min(stride, (length - 1) // max(frames - 1, 1)))
+    span = (frames - 1) * stride + 1
+    if span > length:
+        raise ValueError(f"video of {length} frames is too short for a {frames}-frame clip")
+    start = int(torch.randint(0, length - span + 1, (1,), generator=generator))
+    return video[:, start : start + span : stride], src_fps / stride
+
+
+def interpolation_mask(frames: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Which frames ↑F is given (``f`` bool): every s-th frame, or a run at the start or the end."""
+    if float(torch.rand((), generator=generator)) < cfg.extrapolation_prob:
+        known = torch.zeros(frames, dtype=torch.bool)
+        k = int(torch.randint(1, max(2, frames // 2), (1,), generator=generator))
+        if float(torch.rand((), generator=generator)) < 0.5:
+            known[:k] = True
+        else:
+            known[-k:] = True
+        return known
+    skip = cfg.interp_skips[int(torch.randint(0, len(cfg.interp_skips), (1,), generator=generator))]
+    known = torch.zeros(frames, dtype=torch.bool)
+    known[::skip] = True
+    return known
+
+
+def _drop(n: int, p: float, generator: torch.Generator, device) -> torch.Tensor:
+    return (torch.rand(n, generator=generator) < p).to(device)
+
+
+def clip_loss(clip_net: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (open_clip's ClipLoss), images ``b 3 h w`` in [-1, 1]."""
+    from open_clip.loss import ClipLoss
+
+    img, txt, scale = clip_net(images, tokens)
+    return ClipLoss()(img, txt, scale)
+
+
+def prior_loss(prior: nn.Module, clip: nn.Module, images: torch.Tensor, captions: list[str],
+               cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """Diffusion loss of P on y_e = CLIP_image(image) given (x_e, x̂) of its caption; captions are
+    replaced by the empty prompt with probability ``cfg.cond_drop_prob``."""
+    module = prior.module if hasattr(prior, "module") else prior
+    drop = torch.rand(len(captions), generator=generator) < cfg.cond_drop_prob
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    with torch.no_grad():
+        target = module.scale(clip.encode_image(images))
+        text = cascade.encode_text(clip, captions)
+    cond = {k: text[k].to(images.device) for k in ("text_embeds", "text_hidden", "text_mask")}
+    return training_loss(prior, target, cfg=cfg, cond=cond, generator=generator)
+
+
+def image_embeds(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """y_e (unit norm, as P produces it) of images ``b 3 h w``."""
+    with torch.no_grad():
+        return F.normalize(clip.encode_image(frames).float(), dim=-1)
+
+
+def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
+                 cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """D on images (f = 1, fps 0) or D^t on clips ``b 3 f h w``, conditioned on y_e of the middle frame
+    (zeroed with probability ``cfg.cond_drop_prob``)."""
+    y = image_embeds(clip, video[:, :, video.shape[2] // 2])
+    y = torch.where(_drop(len(y), cfg.cond_drop_prob, generator, y.device)[:, None], torch.zeros_like(y), y)
+    return training_loss(decoder, video, cfg=cfg, cond={"image_embeds": y, "fps": fps}, generator=generator)
+
+
+def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
+                       known: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """↑F: generate ``video`` (``b 3 f h w``) given its ``known`` (``b f``) frames and the mask channel."""
+    y = image_embeds(clip, video[:, :, video.shape[2] // 2])
+    cond = {"cond_frames": cascade.infill_inputs(video, known), "image_embeds": y, "fps": fps}
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator)
+
+
+def sr_loss(net: nn.Module, in_size: int, video: torch.Tensor, noise_aug_max: int, cfg: DiffusionConfig,
+            generator: torch.Generator) -> torch.Tensor:
+    """SR on ``b 3 f H W`` targets: the condition is the target downsampled to ``in_size``, upsampled
+    back and noised to a random level t_aug ≤ ``noise_aug_max`` (given to the network)."""
+    b, _, f, H, _ = video.shape
+    frames = rearrange(video, "b c f h w -> (b f) c h w")
+    low = F.interpolate(downsample(frames, in_size), size=(H, H), mode="bilinear", align_corners=False)
+    low = rearrange(low, "(b f) c h w -> b c f h w", b=b)
+    t_aug = torch.randint(0, noise_aug_max + 1, (b,), generator=generator).to(video.device)
+    noise = torch.randn(low.shape, generator=generator).to(video.device, video.dtype)
+    cond = {"cond_frames": training_scheduler(cfg).add_noise(low, noise, t_aug), "noise_level": t_aug.float()}
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator)
+
+
+def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Area downsampling of ``b 3 h w`` (antialiased) to ``size``."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4) -> VideoUNet:
+    """The image network made pseudo-3D in place (temporal layers at identity); returns it."""
+    from dataclasses import replace
+
+    from stages.temporal import inflate
+
+    if net.cfg.temporal:
+        raise ValueError("network is already pseudo-3D")
+    net.frame_context = inflate(net.unet, kernel=kernel, heads=heads)
+    net.cfg = replace(net.cfg, temporal=True, temporal_kernel=kernel, temporal_heads=heads)
+    return net
+
+
+def freeze_all_but_temporal(net: nn.Module) -> list[str]:
+    """requires_grad only for the temporal layers; returns their names."""
+    names = set(temporal_parameter_names(net))
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in names)
+    return sorted(names)
+
+
+class EMA:
+    """Exponential moving average of a network's parameters (and its buffers copied)."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, step: int) -> None:
+        # Warm the average up (as in diffusers' EMAModel): early weights are forgotten fast.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """An optimizer's state as (tensors for safetensors, JSON for the rest): no pickling needed."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], text: str) -> None:
+    meta = json.loads(text)
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def probe(stage: str, net: nn.Module) -> list[float]:
+    """A fixed, seeded forward pass of a stage's network: four numbers that identify its weights.
+
+    Used to check that a saved checkpoint computes what the trained in-memory network computed.
+    """
+    g = torch.Generator().manual_seed(1234)
+    net = net.module if hasattr(net, "module") else net
+    dev = next(net.parameters()).device
+    with torch.no_grad():
+        if stage == "clip":
+            tokens, _ = net.tokenize(["a red circle on a white background"])
+            out = net.encode_text(tokens.to(dev))[0]
+        elif stage == "prior":
+            d, n = net.embed_dim, net.transformer.config.num_embeddings
+            out = net(torch.randn(1, d, generator=g).to(dev), torch.tensor([500], device=dev),
+                      text_embeds=torch.randn(1, d, generator=g).to(dev),
+                      text_hidden=torch.randn(1, n, d, generator=g).to(dev),
+                      text_mask=torch.ones(1, n, dtype=torch.bool, device=dev))
+        else:
+            size = 8
+            x = torch.randn(1, 3, 2, size, size, generator=g).to(dev)
+            kwargs = {}
+            if net.image_proj is not None:
+                kwargs["image_embeds"] = torch.randn(1, net.image_proj[0].in_features, generator=g).to(dev)
+            if net.fps_embed is not None:
+                kwargs["fps"] = torch.tensor([8.0], device=dev)
+            if net.noise_level_embed is not None:
+                kwargs["noise_level"] = torch.tensor([50.0], device=dev)
+            if net.cond_channels:
+                kwargs["cond_frames"] = torch.randn(1, net.cond_channels, 2, size, size, generator=g).to(dev)
+            out = net(x, torch.tensor([500], device=dev), **kwargs)
+    out = out.double()
+    return [float(out.mean()), float(out.std()), float(out.abs().max()), float(out.flatten()[: 97].sum())]
+
+
+def is_finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss).all()) and not math.isnan(float(loss))
