@@ -75,7 +75,7 @@ class SleepStage:
 
 
 class Sleeper:
-    """A stage's batch function: sleeps its cost, stamps each row with the call's start, end and 1/rows."""
+    """A stage's batch function: sleeps its cost, stamps each row with the call's start, end, process and 1/rows."""
 
     def __init__(self, name: str, seconds: float) -> None:
         self.name, self.seconds = name, seconds
@@ -85,7 +85,7 @@ class Sleeper:
         time.sleep(self.seconds)
         n = len(batch[ROW_KEY])
         return {**batch, f"_start_{self.name}": np.full(n, start), f"_end_{self.name}": np.full(n, time.time()),
-                f"_calls_{self.name}": np.full(n, 1.0 / n)}
+                f"_pid_{self.name}": np.full(n, os.getpid()), f"_calls_{self.name}": np.full(n, 1.0 / n)}
 
 
 # Bottleneck sr_high: 80 ms / (1 row · 4 actors) = 20 ms per row; the next slowest stage 15 ms per row.
@@ -108,9 +108,13 @@ SCALEOUT_STAGES = (
 )
 
 
+def bottleneck(stages: tuple[SleepStage, ...]) -> int:
+    return max(range(len(stages)), key=lambda i: stages[i].per_row)
+
+
 def bounds(stages: tuple[SleepStage, ...], n: int) -> tuple[float, float]:
     """(T_bound, T_fill) for n rows."""
-    k = max(range(len(stages)), key=lambda i: stages[i].per_row)
+    k = bottleneck(stages)
     t_bound = n * stages[k].per_row
     return t_bound, t_bound + sum(s.seconds for i, s in enumerate(stages) if i != k)
 
@@ -121,38 +125,60 @@ def sleep_rows(n: int) -> list[dict]:
 
 @dataclass
 class SleepRun:
-    span: float          # first call start -> last call end
-    wall: float          # including actor start-up
-    calls: dict[str, int]
     rows: int
+    span: float          # T: first call of the first stage starts -> last call of the last stage ends
+    wall: float          # the whole execution as the caller sees it (Ray Data: actor start-up included)
+    calls: dict[str, int]
+    busy: float          # the bottleneck stage's actors: time in calls / (p_k · T)
+    driver_cpu: float = 0.0  # CPU seconds of the driver process (all its threads) during the run
 
 
-def _summarise(cols: dict[str, np.ndarray], stages: tuple[SleepStage, ...], wall: float) -> SleepRun:
+def _summarise(batches: list[dict[str, np.ndarray]], stages: tuple[SleepStage, ...], wall: float) -> SleepRun:
+    cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     first, last = stages[0].name, stages[-1].name
     span = float(cols[f"_end_{last}"].max() - cols[f"_start_{first}"].min())
     calls = {s.name: int(round(cols[f"_calls_{s.name}"].sum())) for s in stages}
-    return SleepRun(span, wall, calls, len(cols[ROW_KEY]))
+    k = stages[bottleneck(stages)]
+    unique = {(p, a, b) for p, a, b in zip(cols[f"_pid_{k.name}"], cols[f"_start_{k.name}"], cols[f"_end_{k.name}"])}
+    busy = sum(b - a for _, a, b in unique) / (k.actors * span)
+    return SleepRun(len(cols[ROW_KEY]), span, wall, calls, busy)
 
 
-def run_executor(stages: tuple[SleepStage, ...], n: int, *, autoscale: dict[str, int] | None = None) -> SleepRun:
-    autoscale = autoscale or {}
-    specs = [
-        StageSpec(s.name, functools.partial(Sleeper, s.name, s.seconds),
-                  PoolConfig(min_actors=s.actors, max_actors=autoscale.get(s.name, s.actors), batch_size=s.batch_size))
-        for s in stages
-    ]
-    start = time.perf_counter()
-    executor = StreamingExecutor(specs, use_gpus=False)
-    executor.wait_ready()
-    batches = []
-    for c in executor.run(sleep_rows(n)):
-        if c.failed:
-            raise RuntimeError(f"rows failed: {c.failed}")
-        batches.append(c.batch)
-    wall = time.perf_counter() - start
-    executor.shutdown()
-    keys = batches[0].keys()
-    return _summarise({k: np.concatenate([b[k] for b in batches]) for k in keys}, stages, wall)
+class SleepExecutor:
+    """The StreamingExecutor over sleep stages, started once and run several times (start-up timed apart)."""
+
+    def __init__(self, stages: tuple[SleepStage, ...], *, autoscale: dict[str, int] | None = None) -> None:
+        autoscale = autoscale or {}
+        self.stages = stages
+        specs = [
+            StageSpec(s.name, functools.partial(Sleeper, s.name, s.seconds),
+                      PoolConfig(min_actors=s.actors, max_actors=autoscale.get(s.name, s.actors), batch_size=s.batch_size))
+            for s in stages
+        ]
+        start = time.perf_counter()
+        self.executor = StreamingExecutor(specs, use_gpus=False)
+        self.executor.wait_ready()
+        self.startup = time.perf_counter() - start
+
+    def run(self, n: int) -> SleepRun:
+        start, cpu = time.perf_counter(), time.process_time()
+        batches = []
+        for c in self.executor.run(sleep_rows(n)):
+            if c.failed:
+                raise RuntimeError(f"rows failed: {c.failed}")
+            batches.append(c.batch)
+        run = _summarise(batches, self.stages, time.perf_counter() - start)
+        run.driver_cpu = time.process_time() - cpu
+        return run
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+# Ray Data, tuned: one input block per first-stage batch, and output blocks cut to a few rows (target_max_block_size
+# is in bytes; a row here is ~0.3-0.4 KB) so that the 1- and 2-row stages get work in pieces their pools can share.
+# One-row blocks (a target of 1 byte) were slower: each block costs Ray Data more than a 20-80 ms batch saves.
+RAY_DATA_TUNED_BLOCK_BYTES = 2048
 
 
 def run_ray_data(stages: tuple[SleepStage, ...], n: int, *, tuned: bool) -> SleepRun:
@@ -161,7 +187,7 @@ def run_ray_data(stages: tuple[SleepStage, ...], n: int, *, tuned: bool) -> Slee
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size
     if tuned:
-        ctx.target_max_block_size = 1   # every output batch (and block) split to rows: bundles are exact batches
+        ctx.target_max_block_size = RAY_DATA_TUNED_BLOCK_BYTES
     try:
         rows = sleep_rows(n)
         ds = (ray.data.from_items(rows, override_num_blocks=n // stages[0].batch_size) if tuned
@@ -169,13 +195,28 @@ def run_ray_data(stages: tuple[SleepStage, ...], n: int, *, tuned: bool) -> Slee
         for s in stages:
             ds = ds.map_batches(Sleeper, fn_constructor_args=(s.name, s.seconds), batch_size=s.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=s.actors), num_cpus=1, batch_format="numpy")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         ctx.target_max_block_size = saved
-    keys = batches[0].keys()
-    return _summarise({k: np.concatenate([b[k] for b in batches]) for k in keys}, stages, wall)
+    run = _summarise(batches, stages, wall)
+    run.driver_cpu = cpu
+    return run
+
+
+def _print_runs(name: str, runs: list[SleepRun], t_bound: float, t_fill: float, wall: float) -> None:
+    span = statistics.median(r.span for r in runs)
+    mid = sorted(runs, key=lambda r: r.span)[len(runs) // 2]
+    calls = " ".join(f"{k}={v}" for k, v in mid.calls.items())
+    cpu_ms = 1e3 * mid.driver_cpu / sum(mid.calls.values())
+    print(f"  {name:<19} {runs[0].rows:4d} {span:7.3f} {t_bound / span:9.3f} {t_fill / span:8.3f} {100 * mid.busy:10.0f}%"
+          f" {cpu_ms:11.2f} {wall:8.1f}   {calls}")
+    print(f"  {'':<19} T of each run: {', '.join(f'{r.span:.3f}' for r in runs)}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def section_efficiency(reps: int, n: int) -> None:
@@ -186,50 +227,55 @@ def section_efficiency(reps: int, n: int) -> None:
     for s in stages:
         print(f"  {s.name:<13} {s.seconds:6.3f} {s.batch_size:4d} {s.actors:4d} {1e3 * s.per_row:15.2f} {n // s.batch_size:14d}")
     print(f"T_bound = N·max_s c_s/(b_s·p_s) = {t_bound:.3f} s   T_fill = T_bound + Σ_(s≠bottleneck) c_s = {t_fill:.3f} s")
-    engines = {
-        "executor": lambda: run_executor(stages, n),
-        "ray-data-default": lambda: run_ray_data(stages, n, tuned=False),
-        "ray-data-tuned": lambda: run_ray_data(stages, n, tuned=True),
-    }
-    results: dict[str, list[SleepRun]] = {k: [] for k in engines}
+    print("T: first stage's first call starts -> last stage's last call ends; every engine's actors are up before it.")
+    print(f"ray-data-default: from_items, map_batches(batch_size=b_s, ActorPoolStrategy(size=p_s)); ray-data-tuned: "
+          f"also override_num_blocks=N/b_0, target_max_block_size={RAY_DATA_TUNED_BLOCK_BYTES} B")
+    executor = SleepExecutor(stages)
+    runs: dict[str, list[SleepRun]] = {"executor": [], "ray-data-default": [], "ray-data-tuned": []}
     for _ in range(reps):  # interleaved, so that a busy spell of the shared machine hits every engine
-        for name, fn in engines.items():
-            results[name].append(fn())
-    print("engine             T(s)   T_bound/T  T_fill/T  wall incl. start-up(s)  calls per stage (median run)")
-    for name, runs in results.items():
-        assert all(r.rows == n for r in runs), name
-        span = statistics.median(r.span for r in runs)
-        wall = statistics.median(r.wall for r in runs)
-        mid = sorted(runs, key=lambda r: r.span)[len(runs) // 2]
-        calls = " ".join(f"{k}={v}" for k, v in mid.calls.items())
-        print(f"  {name:<16} {span:6.3f} {t_bound / span:9.3f} {t_fill / span:9.3f} {wall:14.2f}            {calls}")
-        print(f"  {'':<16} all T: {', '.join(f'{r.span:.3f}' for r in runs)}")
+        runs["executor"].append(executor.run(n))
+        runs["ray-data-default"].append(run_ray_data(stages, n, tuned=False))
+        runs["ray-data-tuned"].append(run_ray_data(stages, n, tuned=True))
+    longer = executor.run(2 * n)
+    executor.shutdown()
+    print("engine               rows    T(s)  T_bound/T  T_fill/T  busy(k)  driver CPU  wall(s)   calls per stage")
+    print("                                                                  ms/call")
+    ex_wall = executor.startup + statistics.median(r.wall for r in runs["executor"])
+    _print_runs("executor", runs["executor"], t_bound, t_fill, ex_wall)
+    for name in ("ray-data-default", "ray-data-tuned"):
+        _print_runs(name, runs[name], t_bound, t_fill, statistics.median(r.wall for r in runs[name]))
+    _print_runs("executor, 2N rows", [longer], *bounds(stages, 2 * n), executor.startup + longer.wall)
+    print("busy(k): the bottleneck stage's actors' time in calls / (p_k·T). driver CPU: the driver process's CPU time "
+          "(all threads) / stage calls. wall: one execution as its caller waits for it, actor start-up included "
+          f"(executor: start-up {executor.startup:.1f} s + median run). Load average after: {_load()}")
 
 
 def section_scaleout(reps: int, n: int) -> None:
     one = SCALEOUT_STAGES
     two = tuple(SleepStage(s.name, s.seconds, s.batch_size, 2) if s.name == "decoder" else s for s in one)
-    print(f"\n== scale-out: {n} rows, bottleneck decoder pool 1 -> 2, median of {reps} runs ==")
+    print(f"\n== scale-out: {n} rows, bottleneck decoder pool 1 -> 2, executor, median of {reps} runs ==")
     for s in one:
         print(f"  {s.name:<13} c_s={s.seconds:.3f}s b_s={s.batch_size} p_s=1 -> {1e3 * s.per_row:.1f} ms/row")
-    configs = {
-        "decoder x1": (one, None),
-        "decoder x2": (two, None),
-        "decoder autoscaled 1..2": (one, {"decoder": 2}),
-    }
-    results: dict[str, list[SleepRun]] = {k: [] for k in configs}
-    for _ in range(reps):
-        for name, (stages, autoscale) in configs.items():
-            results[name].append(run_executor(stages, n, autoscale=autoscale))
-    base = statistics.median(r.span for r in results["decoder x1"])
-    print("config                   T(s)    rows/s  speed-up vs x1  T_bound/T  wall incl. start-up(s)")
-    for name, runs in results.items():
-        stages = configs[name][0] if configs[name][1] is None else two
-        span = statistics.median(r.span for r in runs)
-        wall = statistics.median(r.wall for r in runs)
-        print(f"  {name:<22} {span:6.3f} {n / span:8.2f} {base / span:12.2f}x {bounds(stages, n)[0] / span:10.3f}"
-              f" {wall:12.2f}")
-        print(f"  {'':<22} all T: {', '.join(f'{r.span:.3f}' for r in runs)}")
+    executors = {"decoder x1": SleepExecutor(one), "decoder x2": SleepExecutor(two)}
+    runs: dict[str, list[SleepRun]] = {name: [] for name in executors}
+    for _ in range(reps):  # interleaved: both pools stay up, idle while the other runs
+        for name, executor in executors.items():
+            runs[name].append(executor.run(n))
+    for executor in executors.values():
+        executor.shutdown()
+    # Autoscaling grows the pool from inside a run, so each run needs a fresh executor: one run.
+    executor = SleepExecutor(one, autoscale={"decoder": 2})
+    runs["decoder autoscaled 1..2 (1 run)"] = [executor.run(n)]
+    grown = len(executor.executor.pools[2].actors)
+    executor.shutdown()
+    base = statistics.median(r.span for r in runs["decoder x1"])
+    print("config                              T(s)  rows/s  speed-up vs x1  T_bound(x2)/T  T of each run")
+    for name, rs in runs.items():
+        span = statistics.median(r.span for r in rs)
+        print(f"  {name:<32} {span:6.3f} {n / span:7.2f} {base / span:13.2f}x {bounds(two, n)[0] / span:13.3f}"
+              f"   {', '.join(f'{r.span:.3f}' for r in rs)}")
+    print(f"autoscaled pool ended with {grown} decoder actors (the executor adds one while the stage's queue is full "
+          f"for 1 s and the cluster has room; its start-up falls inside T). Load average after: {_load()}")
 
 
 # -- real stages ----------------------------------------------------------------------------------
@@ -359,7 +405,8 @@ class Probe:
         n = len(out[ROW_KEY])
         own = {k: v for k, v in out.items() if not k.startswith("_probe_")}
         frames = own["video"].nbytes if "video" in own else 0
-        return {**out, f"_probe_bytes_{self.name}": np.full(n, object_bytes(own) / n),
+        carried = {k: v for k, v in batch.items() if k.startswith("_probe_")}  # the writer keeps only its record
+        return {**carried, **out, f"_probe_bytes_{self.name}": np.full(n, object_bytes(own) / n),
                 f"_probe_frames_{self.name}": np.full(n, frames / n),
                 f"_probe_rss_{self.name}": np.full(n, maxrss_mb()), f"_probe_load_{self.name}": np.full(n, self.loaded)}
 
@@ -472,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  host {platform.node()}  "
           f"cpus {os.cpu_count()}  gpu {torch.cuda.is_available()}  python {platform.python_version()}  "
-          f"ray {ray.__version__}  torch {torch.__version__}  numpy {np.__version__}")
+          f"ray {ray.__version__}  torch {torch.__version__}  numpy {np.__version__}  load average {_load()}")
     print(f"command: {' '.join([os.path.relpath(sys.executable, ROOT), *sys.argv])}")
     # Logical CPUs for every actor at once: sleeping actors use none, and the overhead section's 7 actors share 2 cores.
     ray.init(num_cpus=32, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -481,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.wait_for_min_actors_s = 600  # Ray Data's pools start before its first call, as the executor's (wait_ready)
     started = time.perf_counter()
     for section in args.sections:
         t = time.perf_counter()

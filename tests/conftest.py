@@ -1,11 +1,12 @@
-"""Shared fixtures: a tiny cascade config, and an S3-compatible server on loopback (moto's server mode)."""
+"""Shared fixtures: a tiny cascade config (as a preset file and as a saved bundle), and an S3-compatible
+server on loopback (moto's server mode)."""
 
 import os
 import uuid
 
 import pytest
 
-from stages.config import CascadeConfig, dump_yaml, from_dict
+from stages.config import STAGE_NAMES, CascadeConfig, dump_yaml, from_dict
 
 TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "attention_head_dim": 8,
              "norm_num_groups": 4, "cross_attention_dim": 16, "temporal_heads": 2}
@@ -33,6 +34,18 @@ def tiny_config() -> CascadeConfig:
 def tiny_preset_file(tmp_path_factory, tiny_config) -> str:
     path = tmp_path_factory.mktemp("preset") / "tiny.yaml"
     path.write_text(dump_yaml(tiny_config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_config) -> str:
+    """A local checkpoint bundle of the six tiny stages, freshly built: the same weights a pipeline
+    builds from ``tiny_preset_file``. Shared by the session; copy it before changing it."""
+    from stages.cascade import build_stage
+    from stages.checkpoint import save_bundle
+
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(str(path), tiny_config, {name: build_stage(name, getattr(tiny_config, name)) for name in STAGE_NAMES})
     return str(path)
 
 

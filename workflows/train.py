@@ -193,7 +193,6 @@ def train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else net
 
-    size = _train_size(job.stage, stage_cfg)
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, cfg_t.batch_size, cfg_t.seed * 7919 + rank)
     log: list[dict] = _read_log(job) if rank == 0 and resumed_from else []
@@ -202,6 +201,7 @@ def train_loop(loop_config: dict) -> None:
     seen_total = 0
     window_start = time.perf_counter()
     window_samples = 0
+    window_loss: list[float] = []
     last_loss = float("nan")
     while step < cfg_t.max_steps:
         batch = next(batches)
@@ -231,18 +231,21 @@ def train_loop(loop_config: dict) -> None:
             t = torch.tensor([last_loss], dtype=torch.float64)
             dist.all_reduce(t)
             last_loss = float(t) / world
+        window_loss.append(last_loss)
         at_log = step % cfg_t.log_every == 0 or step == cfg_t.max_steps
         at_ckpt = step % cfg_t.checkpoint_every == 0 or step == cfg_t.max_steps
         metrics = {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"],
                    "skipped_items": skipped_total, "resumed_from": resumed_from}
         if at_log:
+            # The logged loss is the mean over the steps since the last log line (less noisy than one step).
             elapsed = time.perf_counter() - window_start
+            metrics["loss"] = float(np.mean(window_loss))
             metrics["samples_per_s"] = window_samples / max(elapsed, 1e-9)
-            window_start, window_samples = time.perf_counter(), 0
+            window_start, window_samples, window_loss = time.perf_counter(), 0, []
             if rank == 0:
                 log.append({k: metrics[k] for k in ("step", "loss", "lr", "samples_per_s", "skipped_items")})
                 _write_log(job, log)
-                print(f"[{job.stage}] step {step}/{cfg_t.max_steps}  loss {last_loss:.4f}  "
+                print(f"[{job.stage}] step {step}/{cfg_t.max_steps}  loss {metrics['loss']:.4f}  "
                       f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s  "
                       f"skipped {skipped_total}", flush=True)
         if at_ckpt:
@@ -264,16 +267,6 @@ def _trainable(net, job: TrainJob) -> list:
             raise ConfigError("temporal_only applies to decoder-video and sr-low-video")
         training.freeze_all_but_temporal(net)
     return [p for p in net.parameters() if p.requires_grad]
-
-
-def _train_size(stage: str, cfg) -> int:
-    if stage in ("clip", "prior"):
-        return 0
-    if stage in ("decoder", "decoder-video"):
-        return cfg.size if hasattr(cfg, "size") else 0
-    if stage in ("sr-low", "sr-low-video", "sr-high"):
-        return cfg.out_size
-    return 0
 
 
 def _loss(job: TrainJob, stage_cfg, model, clip, batch, ok, device, gen, step) -> torch.Tensor:
@@ -392,7 +385,6 @@ def run_training(job: TrainJob, *, resume: bool = False) -> dict:
 
     Raises ConfigError / CheckpointError / DataError for unusable arguments before training starts.
     """
-    import ray.train
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -12,7 +12,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from ray import cloudpickle
 
 from workflows.batch import JobSpec, run_job

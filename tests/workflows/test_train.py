@@ -1,0 +1,185 @@
+"""`mav train` on Ray Train (2 workers, gloo), data and checkpoints on an S3-compatible server on loopback."""
+
+import dataclasses
+import io
+import os
+import signal
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages.checkpoint import load_stage
+from stages.config import ConfigError
+from stages.temporal import spatial_state_dict, temporal_parameter_names
+from stages.training import TrainConfig, probe
+from workflows.synth import synth
+from workflows.train import TrainJob, read_metrics, run_training
+
+ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
+CONFIG = TrainConfig(batch_size=8, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
+
+
+@pytest.fixture(scope="module")
+def data(s3_server):
+    """Synthetic shapes in S3, plus two corrupt image rows and two corrupt videos (even totals, so that
+    Ray Train's equal split across the 2 workers drops none of them)."""
+    import boto3
+
+    bucket = f"mav-train-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}/shapes"
+    synth(root, images=64, videos=6, size=32, frames=40, seed=1)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [b"not an image", b"\x89PNG\r\n"], "caption": ["broken", "cut"]}), buf)
+    with fsspec.open(f"{root}/images/part-99999.parquet", "wb") as f:
+        f.write(buf.getvalue())
+    for i in range(2):
+        with fsspec.open(f"{root}/videos/video-broken-{i}.mp4", "wb") as f:
+            f.write(b"\x00\x00\x00\x18ftypmp42 truncated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, data, tiny_preset_file):
+    """Every stage trained in the paper's order into one S3 bundle: {stage: final metrics}."""
+    out = data.replace("/shapes", "/model")
+    results = {}
+    for stage in ORDER:
+        init = out if stage in ("decoder-video", "sr-low-video", "interpolation") else None
+        if stage == "sr-low-video":  # the image SR_l^t, to fine-tune its temporal layers alone below
+            only = TrainJob(stage=stage, data=(data,), output=out + "-temporal-only", preset=tiny_preset_file,
+                            init=out, workers=2, config=dataclasses.replace(CONFIG, max_steps=6, temporal_only=True))
+            results["sr-low-image"] = load_stage(out, "sr_low")[1].state_dict()
+            results["temporal-only"] = (only.output, run_training(only))
+        job = TrainJob(stage=stage, data=(data,), output=out, config=CONFIG, preset=tiny_preset_file, init=init, workers=2)
+        results[stage] = run_training(job)
+    return out, results
+
+
+def test_every_stage_trains_and_its_loss_goes_down(trained):
+    out, results = trained
+    for stage in ORDER:
+        losses = [r["loss"] for r in read_metrics(out, stage)]
+        assert len(losses) == CONFIG.max_steps // CONFIG.log_every, stage
+        half = len(losses) // 2
+        assert np.mean(losses[half:]) < np.mean(losses[:half]), (stage, losses)
+        assert results[stage]["step"] == CONFIG.max_steps
+
+
+def test_corrupt_items_are_skipped_and_counted(trained):
+    _, results = trained
+    for stage in ORDER:
+        assert results[stage]["skipped_items"] >= 1, stage
+
+
+def test_checkpoints_compute_what_the_trained_networks_computed(trained):
+    """Each stage's saved checkpoint reproduces the probe the worker computed on its in-memory EMA network."""
+    out, results = trained
+    names = {"clip": "clip", "prior": "prior", "decoder-video": "decoder", "interpolation": "interpolation",
+             "sr-low-video": "sr_low", "sr-high": "sr_high"}
+    for stage, produced in names.items():
+        _, net = load_stage(out, produced)
+        assert np.allclose(probe(produced, net), results[stage]["probe"], rtol=1e-5, atol=1e-6), stage
+
+
+def test_trained_bundle_generates_with_mav_generate(trained, tmp_path):
+    from workflows.cli import main
+    from workflows.video import decode_mp4
+
+    out, _ = trained
+    assert main(["generate", "a red circle on a white background", "--checkpoint", out, "--seed", "3",
+                 "--out", str(tmp_path / "v.mp4")]) == 0
+    frames, fps = decode_mp4((tmp_path / "v.mp4").read_bytes())
+    assert frames.shape == (7, 32, 32, 3) and fps == 10.0  # tiny preset: 4 keyframes, skip 2, SR to 32
+
+
+def test_video_stages_were_inflated_and_temporal_only_trains_only_temporal_layers(trained):
+    out, results = trained
+    cfg, decoder = load_stage(out, "decoder")
+    assert cfg.unet.temporal and temporal_parameter_names(decoder)
+    _, sr_low = load_stage(results["temporal-only"][0], "sr_low")
+    before = results["sr-low-image"]
+    after = spatial_state_dict(sr_low)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the 2D weights did not move
+    convs = {k: v for k, v in sr_low.state_dict().items() if k.endswith("temporal_conv.weight")}
+    assert convs and any(not torch.equal(v, torch.nn.init.dirac_(torch.empty_like(v))) for v in convs.values())
+
+
+def test_interpolation_keeps_its_given_frames(trained):
+    from stages import cascade
+
+    out, _ = trained
+    cfg, net = load_stage(out, "interpolation")
+    keys = torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    with torch.inference_mode():
+        video, fps = cascade.interpolate(net, cfg, keys, torch.randn(1, 32), torch.tensor([5.0]), [0])
+    assert torch.equal(video[:, :, :: cfg.skip], keys) and fps.item() == 5.0 * cfg.skip
+
+
+def test_rerun_needs_resume_and_resume_continues(trained, data, tiny_preset_file):
+    out, results = trained
+    job = TrainJob(stage="decoder", data=(data,), output=out, config=CONFIG, preset=tiny_preset_file, workers=2)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(job)
+    more = dataclasses.replace(job, config=dataclasses.replace(CONFIG, max_steps=CONFIG.max_steps + 4))
+    metrics = run_training(more, resume=True)
+    assert metrics["resumed_from"] == CONFIG.max_steps and metrics["step"] == CONFIG.max_steps + 4
+
+
+def test_missing_inputs_are_clear_errors(ray_session, data, tiny_preset_file, tmp_path):
+    from workflows.train_data import DataError
+
+    job = TrainJob(stage="decoder-video", data=(data,), output=str(tmp_path / "m"), config=CONFIG,
+                   preset=tiny_preset_file, init=None, clip=None)
+    with pytest.raises(ConfigError, match="CLIP"):
+        run_training(job)
+    job = TrainJob(stage="clip", data=(str(tmp_path / "nothing"),), output=str(tmp_path / "m"), config=CONFIG,
+                   preset=tiny_preset_file)
+    with pytest.raises(DataError, match="no such file"):
+        run_training(job)
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, data, tiny_preset_file, tmp_path):
+    out = str(tmp_path / "model")
+    cfg = dataclasses.replace(CONFIG, max_steps=40, checkpoint_every=4, log_every=2)
+    job = TrainJob(stage="sr-high", data=(data,), output=out, config=cfg, preset=tiny_preset_file, workers=2)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(job)))
+    thread.start()
+    killed = False
+    deadline = time.time() + 240
+    while time.time() < deadline and thread.is_alive() and not killed:
+        try:
+            steps = [r["step"] for r in read_metrics(out, "sr-high")]
+        except FileNotFoundError:
+            steps = []
+        if steps and max(steps) >= 10:
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed = True
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert killed
+    assert result["step"] == 40
+    assert result["resumed_from"] >= 8  # restarted from a checkpoint, not from scratch
