@@ -299,7 +299,7 @@ def uniform_pools(batch_size: int):
 
 def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
     from workflows.batch import JobSpec, params_of, run_job, stage_specs
-    from workflows.outputs import write_bytes_atomic
+    from workflows.outputs import safe_name, write_bytes_atomic
     from workflows.pipeline import Pipeline, Request
     from workflows.video import encode_mp4
 
@@ -317,16 +317,19 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
     pipe = Pipeline(preset=preset, device="cpu")
     load_local = time.perf_counter() - start
 
+    cpu: list[float] = []
+
     def in_process() -> tuple[float, dict[str, float]]:
         stage_seconds = dict.fromkeys([*STAGES, "writer"], 0.0)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for i in range(0, len(requests), batch):
             for video, r in zip(pipe.generate(requests[i:i + batch]), requests[i:i + batch]):
                 t = time.perf_counter()
-                write_bytes_atomic(os.path.join(local_out, f"{r.id}.mp4"), encode_mp4(video.frames, video.fps))
+                write_bytes_atomic(os.path.join(local_out, f"{safe_name(r.id)}.mp4"), encode_mp4(video.frames, video.fps))
                 stage_seconds["writer"] += time.perf_counter() - t
             for k, v in video.stage_seconds.items():
                 stage_seconds[k] += v
+        cpu.append(time.process_time() - cpu_start)
         return time.perf_counter() - start, stage_seconds
 
     start = time.perf_counter()
@@ -352,8 +355,8 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
         local.append(in_process())
         remote.append(on_ray())
     executor.shutdown()
-    same = sum(open(os.path.join(local_out, f"{r.id}.mp4"), "rb").read()
-               == open(os.path.join(ray_out, f"{r.id}.mp4"), "rb").read() for r in requests)
+    same = sum(open(os.path.join(local_out, f"{safe_name(r.id)}.mp4"), "rb").read()
+               == open(os.path.join(ray_out, f"{safe_name(r.id)}.mp4"), "rb").read() for r in requests)
 
     prompts_file = os.path.join(work, "prompts.jsonl")
     with open(prompts_file, "w") as f:
@@ -364,7 +367,8 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
     t_local = statistics.median(t for t, _ in local)
     t_ray = statistics.median(t for t, _ in remote)
     print(f"in-process (Pipeline + encode_mp4, {torch.get_num_threads()} torch threads): {t_local:.2f} s "
-          f"(runs {', '.join(f'{t:.2f}' for t, _ in local)}); load {load_local:.2f} s")
+          f"(runs {', '.join(f'{t:.2f}' for t, _ in local)}; driver CPU s {', '.join(f'{c:.1f}' for c in cpu[1:])});"
+          f" load {load_local:.2f} s")
     print(f"executor, 1 actor per stage, 1 torch thread each:     {t_ray:.2f} s "
           f"(runs {', '.join(f'{t:.2f}' for t, _ in remote)}); actor start-up {startup:.2f} s")
     print(f"steady-state ratio executor / in-process: {t_ray / t_local:.3f}  ({100 * (t_ray / t_local - 1):+.1f}%)")

@@ -21,6 +21,9 @@ from torch import nn
 from stages.cascade import build_stage
 from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
 
+_IMPORT_UMASK = os.umask(0o022)
+os.umask(_IMPORT_UMASK)
+
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 UNET2D_FILE = "unet2d.json"
@@ -45,9 +48,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -60,6 +61,18 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             raise
     else:
         fs.pipe_file(path, data)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _IMPORT_UMASK
 
 
 def read_bytes(url: str) -> bytes:
@@ -91,6 +104,8 @@ def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
 
 def load_stage_config(url: str, name: str):
     """The config of stage ``name`` in bundle ``url``."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
     path = join(url, name, CONFIG_FILE)
     try:
         text = read_bytes(path).decode()
@@ -121,16 +136,26 @@ def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tu
     directory = join(url, name)
     unet2d = None
     if name not in ("clip", "prior"):
-        fs, path = fsspec.core.url_to_fs(join(directory, UNET2D_FILE))
-        if fs.exists(path):
-            unet2d = _unet2d_from_json(read_bytes(join(directory, UNET2D_FILE)).decode())
+        try:
+            fs, path = fsspec.core.url_to_fs(join(directory, UNET2D_FILE))
+            if fs.exists(path):
+                unet2d = _unet2d_from_json(read_bytes(join(directory, UNET2D_FILE)).decode())
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot read checkpoint {url}: {name}/{e}") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read checkpoint {url}: {name}/{UNET2D_FILE}: {e}") from None
+        if unet2d is not None:
+            _check_unet_matches(url, name, cfg, unet2d)
     try:
         state = safetensors.torch.load(read_bytes(join(directory, WEIGHTS_FILE)))
     except FileNotFoundError:
         raise CheckpointError(f"cannot read checkpoint {url}: no {name}/{WEIGHTS_FILE}") from None
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise CheckpointError(f"cannot read checkpoint {url}: {name}/{WEIGHTS_FILE}: {e}") from None
-    module = build_stage(name, cfg, unet2d=unet2d)
+    try:
+        module = build_stage(name, cfg, unet2d=unet2d)
+    except ValueError as e:
+        raise CheckpointError(f"cannot read checkpoint {url}: {name}/{UNET2D_FILE} does not fit the {name} stage: {e}") from None
     if name == "clip" and state and not next(iter(state)).startswith("model."):
         state = {f"model.{k}": v for k, v in state.items()}  # open_clip's own state-dict layout
     try:
@@ -139,6 +164,17 @@ def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tu
         first = str(e).strip().splitlines()
         raise CheckpointError(f"cannot read checkpoint {url}: {name} weights do not match its config: {' '.join(first[:3])}") from None
     return cfg, module.to(device).eval()
+
+
+def _check_unet_matches(url: str, name: str, cfg, unet2d: nn.Module) -> None:
+    """config.yaml and unet2d.json must describe the same 2D U-Net."""
+    c = unet2d.config
+    for key in ("block_out_channels", "layers_per_block", "norm_num_groups"):
+        ours, theirs = getattr(cfg.unet, key), c.get(key)
+        if (list(ours) if isinstance(ours, tuple) else ours) != (list(theirs) if isinstance(theirs, (tuple, list)) else theirs):
+            raise CheckpointError(
+                f"cannot read checkpoint {url}: {name}/{CONFIG_FILE} says unet.{key}={ours} but {UNET2D_FILE} has {theirs}"
+            )
 
 
 def save_bundle(url: str, config: CascadeConfig, modules: dict[str, nn.Module]) -> None:

@@ -346,8 +346,16 @@ def load_yaml(cls: type[T], text: str, where: str = "") -> T:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where or cls.__name__}: invalid YAML: {e}") from None
+        raise ConfigError(f"{where or cls.__name__}: {yaml_problem(e)}") from None
     return from_dict(cls, data if data is not None else {}, where)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: where and what (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"invalid YAML{at}: {problem}"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -208,9 +208,9 @@ def stage_specs(job: JobSpec, pools: dict[str, PoolConfig]) -> list[StageSpec]:
 class Progress:
     """A live per-stage display (rows done, rows/s, actors busy) on stderr."""
 
-    def __init__(self, stream=sys.stderr, every: float | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None, every: float | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
         self.every = every if every is not None else (1.0 if self.tty else 15.0)
         self.last = 0.0
         self.lines = 0
@@ -286,17 +286,7 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     rows = work()
     first = next(rows, None)
     if first is None:  # nothing left to generate: no actors needed
-        ordered = [records[k] for k in sorted(records)]
-        return JobResult(
-            records=ordered,
-            ok=sum(1 for r in ordered if r["status"] == "ok"),
-            failed=sum(1 for r in ordered if r["status"] == "failed"),
-            skipped=counts["skipped"],
-            truncated=sum(1 for r in ordered if r.get("truncated")),
-            wall_seconds=time.perf_counter() - start,
-            utilisation={},
-            manifest=write_manifest(job.output, ordered),
-        )
+        return _finish(job, records, counts["skipped"], time.perf_counter() - start, {})
     executor = StreamingExecutor(stage_specs(job, pools))
     if not executor.use_gpus and any(p.gpus for p in pools.values()):
         print("notice: the cluster has no GPUs; the pools' GPU requests are dropped", file=sys.stderr)
@@ -326,19 +316,24 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     if interrupted:
         for key, r in requests.items():
             records.setdefault(key, {"id": r.id, **params_of(r), "status": "pending", "output": "", "error": "interrupted"})
-    ordered = [records[k] for k in sorted(records)]
-    manifest = write_manifest(job.output, ordered)
+    result = _finish(job, records, counts["skipped"], wall, utilisation)
     if interrupted:
         raise KeyboardInterrupt
+    return result
+
+
+def _finish(job: JobSpec, records: dict[int, dict], skipped: int, wall: float, utilisation: dict) -> JobResult:
+    """Write the manifest (rows in input order) and sum up the job."""
+    ordered = [records[k] for k in sorted(records)]
     return JobResult(
         records=ordered,
         ok=sum(1 for r in ordered if r["status"] == "ok"),
         failed=sum(1 for r in ordered if r["status"] == "failed"),
-        skipped=counts["skipped"],
+        skipped=skipped,
         truncated=sum(1 for r in ordered if r.get("truncated")),
         wall_seconds=wall,
         utilisation=utilisation,
-        manifest=manifest,
+        manifest=write_manifest(job.output, ordered),
     )
 
 

@@ -41,9 +41,9 @@ class StageProgressPrinter:
         "sr_high": "SR_h",
     }
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
         self.started: dict[str, float] = {}
 
     def __call__(self, stage: str, step: int, total: int) -> None:
@@ -72,7 +72,7 @@ def _quiet_libraries() -> None:
 def _outputs(out: str, prompts: list[str]) -> list[str]:
     from workflows.outputs import join, safe_name
 
-    single_file = out.endswith(".mp4")
+    single_file = out.lower().endswith(".mp4")
     if len(prompts) == 1 and single_file:
         return [out]
     if single_file:
@@ -120,13 +120,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except Exception as e:  # any filesystem's refusal: permissions, missing bucket, credentials
             raise CliError(f"cannot write to {args.out}: {e}") from None
 
-    print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
     progress = StageProgressPrinter()
     start = time.perf_counter()
     try:
         pipe = Pipeline(checkpoint=args.checkpoint, preset=args.preset, progress=progress)
     except (CheckpointError, ConfigError) as e:
         raise CliError(str(e)) from None
+    print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
     videos = []
     for i in range(0, len(requests), args.batch_size):
         videos += pipe.generate(requests[i : i + args.batch_size])

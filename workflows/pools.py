@@ -19,7 +19,7 @@ from importlib import resources
 import fsspec
 import yaml
 
-from stages.config import STAGE_NAMES, ConfigError
+from stages.config import STAGE_NAMES, ConfigError, yaml_problem
 
 POOL_STAGES = (*STAGE_NAMES, "writer")
 
@@ -98,7 +98,7 @@ def parse_pools(text: str, where: str = "pools") -> dict[str, PoolConfig]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        raise ConfigError(f"{where}: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of stage name to pool")
     unknown = sorted(set(data) - set(POOL_STAGES))
