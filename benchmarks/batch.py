@@ -301,43 +301,47 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
     from workflows.batch import JobSpec, params_of, run_job, stage_specs
     from workflows.outputs import safe_name, write_bytes_atomic
     from workflows.pipeline import Pipeline, Request
-    from workflows.video import encode_mp4
+    from workflows.video import decode_mp4, encode_mp4
 
     print(f"\n== overhead vs in-process: TINY cascade with {steps} steps per stage, {prompts} prompts, batches of "
-          f"{batch}, median of {reps} runs after one warm-up ==")
+          f"{batch} in every stage, median of {reps} interleaved runs after one warm-up each ==")
     work = tempfile.mkdtemp(prefix="mav-bench-")
     preset = tiny_preset(work, steps)
     requests = [Request(prompt=f"a red ball bouncing, take {i}", seed=1000 + i, id=f"v{i:02d}") for i in range(prompts)]
     rows = [{ROW_KEY: i, "id": r.id, **params_of(r)} for i, r in enumerate(requests)]
     pools = uniform_pools(batch)
-    ray_out, local_out = os.path.join(work, "ray"), os.path.join(work, "local")
-    os.makedirs(local_out)
+    outs = {name: os.path.join(work, name) for name in ("executor", "local-2", "local-1")}
+    for path in outs.values():
+        os.makedirs(path, exist_ok=True)
+    threads = torch.get_num_threads()
 
     start = time.perf_counter()
     pipe = Pipeline(preset=preset, device="cpu")
     load_local = time.perf_counter() - start
 
-    cpu: list[float] = []
-
-    def in_process() -> tuple[float, dict[str, float]]:
+    def in_process(n_threads: int, out: str) -> tuple[float, float, dict[str, float]]:
+        """(wall, driver CPU, seconds per stage): generate in batches, encode and write every MP4."""
+        torch.set_num_threads(n_threads)
         stage_seconds = dict.fromkeys([*STAGES, "writer"], 0.0)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(requests), batch):
             for video, r in zip(pipe.generate(requests[i:i + batch]), requests[i:i + batch]):
                 t = time.perf_counter()
-                write_bytes_atomic(os.path.join(local_out, f"{safe_name(r.id)}.mp4"), encode_mp4(video.frames, video.fps))
+                write_bytes_atomic(os.path.join(out, f"{safe_name(r.id)}.mp4"), encode_mp4(video.frames, video.fps))
                 stage_seconds["writer"] += time.perf_counter() - t
             for k, v in video.stage_seconds.items():
                 stage_seconds[k] += v
-        cpu.append(time.process_time() - cpu_start)
-        return time.perf_counter() - start, stage_seconds
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        torch.set_num_threads(threads)
+        return wall, cpu, stage_seconds
 
     start = time.perf_counter()
-    executor = StreamingExecutor(stage_specs(JobSpec(prompts=(), output=ray_out, preset=preset), pools), use_gpus=False)
+    executor = StreamingExecutor(stage_specs(JobSpec(prompts=(), output=outs["executor"], preset=preset), pools),
+                                 use_gpus=False)
     executor.wait_ready()
     startup = time.perf_counter() - start
 
-    def on_ray() -> tuple[float, dict[str, float]]:
+    def on_ray() -> tuple[float, float, dict[str, float]]:
         before = {s.name: s.busy_seconds for s in executor.stats}
         start = time.perf_counter()
         done = 0
@@ -346,17 +350,20 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
                 raise RuntimeError(f"rows failed: {c.failed}")
             done += len(c.batch[ROW_KEY])
         assert done == len(rows)
-        return time.perf_counter() - start, {s.name: s.busy_seconds - before[s.name] for s in executor.stats}
+        return time.perf_counter() - start, float("nan"), {s.name: s.busy_seconds - before[s.name] for s in executor.stats}
 
-    in_process()  # warm-up: first calls allocate, first MP4 encode starts ffmpeg from cold
-    on_ray()
-    local, remote = [], []
-    for _ in range(reps):
-        local.append(in_process())
-        remote.append(on_ray())
+    engines = {
+        "executor": on_ray,
+        "local-2": lambda: in_process(threads, outs["local-2"]),
+        "local-1": lambda: in_process(1, outs["local-1"]),
+    }
+    runs: dict[str, list] = {name: [] for name in engines}
+    for rep in range(reps + 1):  # the first round warms up: first calls allocate, ffmpeg starts cold
+        for name, fn in engines.items():
+            result = fn()
+            if rep:
+                runs[name].append(result)
     executor.shutdown()
-    same = sum(open(os.path.join(local_out, f"{safe_name(r.id)}.mp4"), "rb").read()
-               == open(os.path.join(ray_out, f"{safe_name(r.id)}.mp4"), "rb").read() for r in requests)
 
     prompts_file = os.path.join(work, "prompts.jsonl")
     with open(prompts_file, "w") as f:
@@ -364,25 +371,41 @@ def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
     job = run_job(JobSpec(prompts=(prompts_file,), output=os.path.join(work, "job"), preset=preset), pools)
     assert job.ok == prompts, job
 
-    t_local = statistics.median(t for t, _ in local)
-    t_ray = statistics.median(t for t, _ in remote)
-    print(f"in-process (Pipeline + encode_mp4, {torch.get_num_threads()} torch threads): {t_local:.2f} s "
-          f"(runs {', '.join(f'{t:.2f}' for t, _ in local)}; driver CPU s {', '.join(f'{c:.1f}' for c in cpu[1:])});"
-          f" load {load_local:.2f} s")
-    print(f"executor, 1 actor per stage, 1 torch thread each:     {t_ray:.2f} s "
-          f"(runs {', '.join(f'{t:.2f}' for t, _ in remote)}); actor start-up {startup:.2f} s")
-    print(f"steady-state ratio executor / in-process: {t_ray / t_local:.3f}  ({100 * (t_ray / t_local - 1):+.1f}%)")
-    print(f"run_job end to end (start-up, manifest and journal included): {job.wall_seconds:.2f} s")
-    print(f"identical MP4 bytes, executor vs in-process: {same}/{prompts}")
-    print("stage          in-process s (2 threads)   actor busy s (1 thread)   busy / in-process")
-    mid_local = sorted(local)[len(local) // 2][1]
-    mid_ray = sorted(remote, key=lambda x: x[0])[len(remote) // 2][1]
+    def median_run(name: str):
+        return sorted(runs[name], key=lambda r: r[0])[len(runs[name]) // 2]
+
+    t_ray = median_run("executor")[0]
+    labels = {
+        "local-2": f"in-process, {threads} torch threads (default)",
+        "local-1": "in-process, 1 torch thread",
+        "executor": "executor, 7 actors x 1 torch thread",
+    }
+    print("engine                                   median s   each run (s)          driver CPU s (median run)")
+    for name in ("local-2", "local-1", "executor"):
+        wall, cpu, _ = median_run(name)
+        each = ", ".join(f"{r[0]:.2f}" for r in runs[name])
+        print(f"  {labels[name]:<38} {wall:8.2f}   {each:<21} {'' if name == 'executor' else f'{cpu:.1f}'}")
+    for name in ("local-2", "local-1"):
+        t = median_run(name)[0]
+        print(f"steady-state ratio executor / {labels[name]}: {t_ray / t:.3f}  ({100 * (t_ray / t - 1):+.1f}%)")
+    print(f"start-up (not in the figures above): Pipeline load {load_local:.2f} s; executor actors {startup:.2f} s")
+    print(f"run_job end to end (actor start-up, manifest and journal included): {job.wall_seconds:.2f} s")
+    for name in ("local-1", "local-2"):
+        same, worst = 0, 0
+        for r in requests:
+            a = open(os.path.join(outs["executor"], f"{safe_name(r.id)}.mp4"), "rb").read()
+            b = open(os.path.join(outs[name], f"{safe_name(r.id)}.mp4"), "rb").read()
+            same += a == b
+            worst = max(worst, int(np.abs(decode_mp4(a)[0].astype(np.int16) - decode_mp4(b)[0]).max()))
+        print(f"MP4s executor vs {labels[name]}: {same}/{prompts} byte-identical, decoded frames differ by at most "
+              f"{worst}/255")
+    print("stage          in-process s (2 threads)  in-process s (1 thread)  actor busy s (1 thread)")
+    mid2, mid1, midr = median_run("local-2")[2], median_run("local-1")[2], median_run("executor")[2]
     for s in (*STAGES, "writer"):
-        a, b = mid_local[s], mid_ray[s]
-        print(f"  {s:<13} {a:14.2f} {b:26.2f} {b / a if a else float('nan'):17.2f}")
-    total_busy = sum(mid_ray.values())
-    print(f"  {'total':<13} {sum(mid_local.values()):14.2f} {total_busy:26.2f}"
-          f"   (actor busy total / 2 cores = {total_busy / 2:.2f} s; bottleneck actor {max(mid_ray.values()):.2f} s)")
+        print(f"  {s:<13} {mid2[s]:14.2f} {mid1[s]:24.2f} {midr[s]:24.2f}")
+    print(f"  {'total':<13} {sum(mid2.values()):14.2f} {sum(mid1.values()):24.2f} {sum(midr.values()):24.2f}"
+          f"   (executor: busy total / 2 cores = {sum(midr.values()) / 2:.2f} s, busiest actor {max(midr.values()):.2f} s)")
+    print(f"load average after: {_load()}")
 
 
 def maxrss_mb() -> float:
@@ -516,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=192, help="rows of the efficiency section (a multiple of 16)")
     parser.add_argument("--scaleout-rows", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=12, help="prompts of the overhead section")
-    parser.add_argument("--steps", type=int, default=16, help="sampling steps per stage of the overhead section")
+    parser.add_argument("--steps", type=int, default=12, help="sampling steps per stage of the overhead section")
     args = parser.parse_args(argv)
     if args.rows % 16:
         raise ValueError(f"--rows must be a multiple of 16 (the first stage's batch), got {args.rows}")

@@ -6,15 +6,15 @@
 Sections (figures go into BENCHMARKS.md, "Stages"):
 
 cpu            CPU preset (cluster/presets/cpu.yaml), fresh weights, one sample: each stage run in full through
-               its function in stages/cascade.py (all sampling steps, guidance as configured), inputs chained from
-               the previous stage. One untimed chained run first, then the median of --reps timed runs.
+               its function in stages/cascade.py (all sampling steps, guidance as configured), its input the
+               previous stage's output. Median of --reps runs; the first, cold, is each stage's first call.
 paper          Paper preset (cluster/presets/paper.yaml), fresh weights: ONE network evaluation (one denoising
                step, batch 1, no guidance pair) per stage. The video stages run on --paper-frames frames, not the
                paper's 16 or 76; the table gives both shapes and the FLOPs of both, and scales no time. SR_h's
                sample is one 768x768 frame. Each stage runs in a fresh process (so peak memory is its own); the
                first evaluation is timed and further ones follow while the stage's time stays under
                --paper-budget seconds, up to --reps.
-factorisation  At the paper decoder's shapes, 16 frames: (a) PseudoConv3d (3x3 Conv2d on each frame + k=3 Conv1d
+factorisation  At the paper decoder's shapes, on --factorisation-frames frames: (a) PseudoConv3d (3x3 Conv2d on each frame + k=3 Conv1d
                over frames, eq. 2) against nn.Conv3d 3x3x3, at level 0 (320 channels, 64x64); (b) spatial
                self-attention on each frame followed by TemporalAttention (eq. 3) against self-attention over all
                f·h·w tokens, at level 1 (640 channels, 32x32, heads of 64), the decoder's first attention level.
@@ -114,7 +114,7 @@ def network_call(name: str, net: nn.Module, cfg: CascadeConfig, frames: int | No
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(0)
 
-    def randn(*shape: int) -> torch.Tensor:
+    def randn(*shape: int) -> torch.Tensor:  # made on the CPU, so that the meta device gets the same shapes
         return torch.randn(shape, generator=g).to(device)
 
     if name == "clip":
@@ -134,7 +134,7 @@ def network_call(name: str, net: nn.Module, cfg: CascadeConfig, frames: int | No
         if name == "interpolation":
             known = torch.zeros(1, f, dtype=torch.bool)
             known[:, :: cfg.interpolation.skip] = True
-            kwargs["cond_frames"] = infill_inputs(randn(1, 3, f, size, size).cpu(), known).to(device)
+            kwargs["cond_frames"] = infill_inputs(torch.randn(1, 3, f, size, size, generator=g), known).to(device)
     else:
         noise_level = getattr(cfg, name).noise_level
         kwargs = {"cond_frames": randn(1, 3, f, size, size), "noise_level": torch.tensor([float(noise_level)], device=device)}
@@ -310,7 +310,7 @@ def load_average() -> str:
 
 
 def giga(flops: int) -> str:
-    return f"{flops / 1e9:,.1f}"
+    return f"{flops / 1e9:,.1f}" if flops >= 1e10 else f"{flops / 1e9:.3g}"
 
 
 def memory(r: dict[str, Any]) -> str:
@@ -319,25 +319,23 @@ def memory(r: dict[str, Any]) -> str:
 
 def section_cpu(reps: int) -> dict[str, Any]:
     cfg = load_preset("cpu")
-    print(f"\n## CPU preset: full stage per sample, median of {reps} runs after one untimed run\n")
+    print(f"\n## CPU preset: full stage per sample, median of {reps} runs (the first one cold)\n")
     nets = {name: build_stage(name, getattr(cfg, name)).eval() for name in STAGE_NAMES}
     seeds = [0]
     fps = torch.tensor([FPS])
-    with torch.inference_mode():  # the untimed run, which also gives each stage its input
-        text = encode_text(nets["clip"], [PROMPT])
-        negative = encode_text(nets["clip"], [""])
-        image_embeds = generate_image_embeds(nets["prior"], text, negative, seeds)
-        keyframes = decode(nets["decoder"], cfg.decoder, image_embeds, fps, seeds)
-        video, video_fps = interpolate(nets["interpolation"], cfg.interpolation, keyframes, image_embeds, fps, seeds)
-        low = super_resolve_video(nets["sr_low"], cfg.sr_low, video, seeds)
-        super_resolve_frames(nets["sr_high"], cfg.sr_high, low, seeds)
+    out: dict[str, Any] = {}  # each stage's output of its first run is the next stage's input
+
+    def split(enc: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i : i + 1] for k, v in enc.items()}
+
     full = {
         "clip": lambda: encode_text(nets["clip"], [PROMPT, ""]),
-        "prior": lambda: generate_image_embeds(nets["prior"], text, negative, seeds),
-        "decoder": lambda: decode(nets["decoder"], cfg.decoder, image_embeds, fps, seeds),
-        "interpolation": lambda: interpolate(nets["interpolation"], cfg.interpolation, keyframes, image_embeds, fps, seeds),
-        "sr_low": lambda: super_resolve_video(nets["sr_low"], cfg.sr_low, video, seeds),
-        "sr_high": lambda: super_resolve_frames(nets["sr_high"], cfg.sr_high, low, seeds),
+        "prior": lambda: generate_image_embeds(nets["prior"], split(out["clip"], 0), split(out["clip"], 1), seeds),
+        "decoder": lambda: decode(nets["decoder"], cfg.decoder, out["prior"], fps, seeds),
+        "interpolation": lambda: interpolate(nets["interpolation"], cfg.interpolation, out["decoder"], out["prior"],
+                                             fps, seeds)[0],
+        "sr_low": lambda: super_resolve_video(nets["sr_low"], cfg.sr_low, out["interpolation"], seeds),
+        "sr_high": lambda: super_resolve_frames(nets["sr_high"], cfg.sr_high, out["sr_low"], seeds),
     }
     samples = {"clip": "prompt + negative prompt", "prior": "y_e",
                **{name: f"{describe(name, cfg)} video" for name in ("decoder", "interpolation", "sr_low")},
@@ -351,8 +349,9 @@ def section_cpu(reps: int) -> dict[str, Any]:
         with torch.inference_mode():
             for _ in range(reps):
                 start = time.perf_counter()
-                full[name]()
+                result = full[name]()
                 seconds.append(time.perf_counter() - start)
+                out.setdefault(name, result)
         row = {"parameters": parameters(name, nets[name]), "evaluation": describe(name, cfg),
                "flops_per_evaluation": count_flops(name, cfg), "sample": samples[name],
                "evaluations_per_sample": evaluations_per_sample(name, cfg), "seconds": seconds,
@@ -393,8 +392,8 @@ def section_paper(reps: int, frames: int, budget: float) -> dict[str, Any]:
                "evaluations_per_sample": evaluations_per_sample(name, cfg) // (cfg.output_frames if name == "sr_high" else 1),
                "measured_on": describe(name, cfg, timed_frames), "flops_measured": timed_flops, **result}
         rows[name] = row
-        print(f"| {LABELS[name]} | {params:,} | {row['evaluation']} | {paper_flops / 1e12:.3f} "
-              f"| {row['evaluations_per_sample']} | {row['measured_on']} | {timed_flops / 1e12:.3f} "
+        print(f"| {LABELS[name]} | {params:,} | {row['evaluation']} | {paper_flops / 1e12:.3g} "
+              f"| {row['evaluations_per_sample']} | {row['measured_on']} | {timed_flops / 1e12:.3g} "
               f"| {row['median_s']:.3f} | {', '.join(f'{s:.2f}' for s in row['seconds'])} "
               f"| {timed_flops / 1e9 / row['median_s']:.1f} | {memory(row)} | {row['weights_mib']:,.0f} |", flush=True)
     print(f"\nVideo stages measured on {frames} frames instead of the paper's (16 for D^t, {cfg.output_frames} for ↑F "

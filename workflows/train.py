@@ -212,12 +212,17 @@ def train_loop(loop_config: dict) -> None:
             dist.all_reduce(counts)
         skipped_total += int(counts[0])
         seen_total += int(counts[1])
-        if not ok.any():
+        if counts[1] == 0:  # no worker has a usable item: every worker skips this step together
             continue
         for g in opt.param_groups:
             g["lr"] = training.lr_at(step, cfg_t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg_t.bf16):
-            loss = _loss(job, stage_cfg, model, clip, batch, ok, device, gen, step)
+            if ok.any():
+                loss = _loss(job, stage_cfg, model, clip, batch, ok, device, gen, step)
+            else:
+                # This worker's batch is all corrupt while others' are not: it still takes part in the
+                # step (DDP's collectives must match across workers), contributing a zero gradient.
+                loss = _zero_loss(model, job, stage_cfg, batch, device, gen, step, clip)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg_t.grad_clip:
@@ -267,6 +272,16 @@ def _trainable(net, job: TrainJob) -> list:
             raise ConfigError("temporal_only applies to decoder-video and sr-low-video")
         training.freeze_all_but_temporal(net)
     return [p for p in net.parameters() if p.requires_grad]
+
+
+def _zero_loss(model, job, stage_cfg, batch, device, gen, step, clip) -> torch.Tensor:
+    """A loss of exactly zero computed through the network's forward pass on the (unusable) batch."""
+    ok = np.ones(len(batch["ok"]), dtype=bool)
+    batch = dict(batch)
+    if "length" in batch:  # undecodable videos are all-zero arrays: give them a usable length and fps
+        batch["length"] = np.full(len(ok), batch["video"].shape[2])
+        batch["fps"] = np.full(len(ok), 30.0)
+    return _loss(job, stage_cfg, model, clip, batch, ok, device, gen, step) * 0.0
 
 
 def _loss(job: TrainJob, stage_cfg, model, clip, batch, ok, device, gen, step) -> torch.Tensor:
