@@ -1,31 +1,32 @@
 """Benchmarks of `mav batch`: the streaming executor against its bound, Ray Data and the in-process pipeline.
 
-    .venv/bin/python benchmarks/batch.py                                  # every section, ~10 min on 2 cores
+    .venv/bin/python benchmarks/batch.py                                  # every section, ~12 min on 2 cores
     .venv/bin/python benchmarks/batch.py --sections efficiency scaleout   # any of: efficiency overhead scaleout memory dtype
 
 Sections (figures go into BENCHMARKS.md, "Batch generation (mav batch)"):
 
 efficiency  Six stages whose cost per call is a known ``time.sleep`` (standing in for GPU work), each with its own
             batch size and pool size, run by (a) our StreamingExecutor, (b) Ray Data ``map_batches`` on actor
-            pools with default settings, (c) Ray Data tuned (one input block per first-stage batch, tiny output
-            blocks). Stage s costs c_s seconds per call of b_s rows on p_s actors. Bound:
+            pools with default settings, (c) Ray Data tuned (one input block per first-stage batch, output blocks
+            of a few rows). Stage s costs c_s seconds per call of b_s rows on p_s actors. Bound:
                 T_bound = N · max_s c_s / (b_s · p_s)
             and efficiency = T_bound / T, where T runs from the first stage's first call starting to the last
-            stage's last call ending (actor start-up excluded; wall time with start-up is printed too). The
-            latency-aware bound T_fill = T_bound + Σ_{s≠k} c_s (k the bottleneck) also counts the first row's
-            way to the bottleneck and the last row's way out of it; no schedule can beat it either.
+            stage's last call ending (every engine's actors are up before it; wall time with start-up is printed
+            too). The latency-aware bound T_fill = T_bound + Σ_{s≠k} c_s (k the bottleneck) also counts the first
+            row's way to the bottleneck and the last row's way out of it; no schedule beats either.
 overhead    The tests' TINY cascade (more sampling steps so compute dominates), 12 prompts, batches of 4 in every
-            stage: the executor with one actor per stage (1 CPU, 1 torch thread each; run_job's stage specs,
-            MP4 writer included) against the in-process Pipeline (2 torch threads) plus MP4 encoding and writing.
-            Steady state excludes actor start-up, which is printed separately, as is run_job end to end.
+            stage: the executor with one actor per stage (1 CPU, 1 torch thread each; run_job's stage specs, MP4
+            writer included) against the in-process Pipeline plus MP4 encoding and writing, with torch's default
+            threads (2) and with 1. Steady state excludes start-up, printed apart, as is run_job end to end.
 scaleout    Sleep stages, one actor each; the bottleneck stage's pool 1 -> 2 (and autoscaled min 1, max 2).
-memory      CPU preset (cluster/presets/cpu.yaml), 2 rows, batch size 1, 2 sampling steps per stage (shapes and
-            per-step memory as with the preset's steps): Ray's size of every stage's output object, per row,
-            and each stage actor's peak RSS (getrusage ru_maxrss) after loading and after its rows.
-dtype       Frames crossing stages as uint8, float16 or float32: bytes, encode time, ray.put, ray.get and decode to
-            a float32 tensor in another actor, and the quantisation error against the float32 frames.
+memory      CPU preset (cluster/presets/cpu.yaml), 2 rows, batch size 1, 2 sampling steps per stage (the preset's
+            shapes, so the same per-step memory): Ray's size of every stage's output object per row, and each
+            stage actor's peak RSS (getrusage ru_maxrss) after loading and after its rows.
+dtype       Frames crossing stages as uint8 (workflows.video, and the same with in-place steps), float16 or
+            float32: bytes, encode, ray.put, ray.get + decode to float32 in another actor, and the error against
+            the float32 frames.
 
-Timings are medians of repeated runs within one invocation; on a shared machine compare only figures of one run.
+Timings are medians of interleaved runs within one invocation; on a shared machine compare only figures of one run.
 """
 
 from __future__ import annotations
@@ -266,13 +267,16 @@ def section_scaleout(reps: int, n: int) -> None:
     # Autoscaling grows the pool from inside a run, so each run needs a fresh executor: one run.
     executor = SleepExecutor(one, autoscale={"decoder": 2})
     runs["decoder autoscaled 1..2 (1 run)"] = [executor.run(n)]
-    grown = len(executor.executor.pools[2].actors)
+    grown = next(len(p.actors) for p in executor.executor.pools if p.spec.name == "decoder")
     executor.shutdown()
     base = statistics.median(r.span for r in runs["decoder x1"])
-    print("config                              T(s)  rows/s  speed-up vs x1  T_bound(x2)/T  T of each run")
+    print(f"T_bound: x1 {bounds(one, n)[0]:.2f} s, x2 {bounds(two, n)[0]:.2f} s (ideal speed-up "
+          f"{bounds(one, n)[0] / bounds(two, n)[0]:.2f}x)")
+    print("config                              T(s)  rows/s  speed-up vs x1  T_bound/T  T of each run")
     for name, rs in runs.items():
         span = statistics.median(r.span for r in rs)
-        print(f"  {name:<32} {span:6.3f} {n / span:7.2f} {base / span:13.2f}x {bounds(two, n)[0] / span:13.3f}"
+        t_bound = bounds(one if name == "decoder x1" else two, n)[0]
+        print(f"  {name:<32} {span:6.3f} {n / span:7.2f} {base / span:13.2f}x {t_bound / span:10.3f}"
               f"   {', '.join(f'{r.span:.3f}' for r in rs)}")
     print(f"autoscaled pool ended with {grown} decoder actors (the executor adds one while the stage's queue is full "
           f"for 1 s and the cluster has room; its start-up falls inside T). Load average after: {_load()}")
@@ -476,57 +480,85 @@ def section_memory(n: int, steps: int) -> None:
     print(f"  total per video               {total:12,.0f}")
 
 
-def section_dtype(reps: int) -> None:
+def _to_uint8_inplace(video: torch.Tensor) -> np.ndarray:
+    """workflows.video.to_uint8 with in-place steps after the first copy (the same bits, fewer passes)."""
+    return video.float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8).cpu().numpy()
+
+
+def _from_uint8_inplace(video: np.ndarray) -> torch.Tensor:
+    """workflows.video.from_uint8 with in-place steps after the first copy (the same bits, fewer passes)."""
+    return torch.from_numpy(np.ascontiguousarray(video)).to(torch.float32).div_(127.5).sub_(1)
+
+
+def _read_only(x: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # plasma arrays are read-only; a network never writes its input
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(x)
+
+
+def _codecs() -> dict:
+    """kind -> (encode a float32 ``b c f h w`` tensor in [-1, 1] for the object store, decode it to float32)."""
     from workflows.video import from_uint8, to_uint8
 
-    print(f"\n== intermediate frame dtype: put in the driver, get + decode to float32 in an actor, median of {reps} ==")
+    return {
+        "uint8": (to_uint8, from_uint8),
+        "uint8 in-place": (_to_uint8_inplace, _from_uint8_inplace),
+        "float16": (lambda v: v.half().numpy(), lambda x: torch.from_numpy(x).float()),
+        "float32": (lambda v: v.numpy(), _read_only),
+    }
+
+
+def section_dtype(reps: int) -> None:
+    print(f"\n== intermediate frame dtype: encode + put in the driver, get + decode to float32 in an actor, 1 torch "
+          f"thread each (as in a stage actor), median of {reps} interleaved runs ==")
 
     @ray.remote(num_cpus=1)
     class Consumer:
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            self.codecs = _codecs()
+
         def decode(self, refs: list, kind: str) -> float:
             start = time.perf_counter()
-            x = ray.get(refs[0])
-            if kind == "uint8":
-                t = from_uint8(x, torch.float32)
-            elif kind == "float16":
-                t = torch.from_numpy(x).float()
-            else:
-                with warnings.catch_warnings():  # plasma arrays are read-only; the network never writes its input
-                    warnings.simplefilter("ignore")
-                    t = torch.from_numpy(x)
+            t = self.codecs[kind][1](ray.get(refs[0]))
             float(t[0, 0, 0, 0, 0])
             return time.perf_counter() - start
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    codecs = _codecs()
     consumer = Consumer.remote()
     ray.get(consumer.decode.remote([ray.put(np.zeros((1, 3, 1, 1, 1), np.uint8))], "uint8"))
     g = torch.Generator().manual_seed(0)
-    encoders = {
-        "uint8": to_uint8,
-        "float16": lambda v: v.half().numpy(),
-        "float32": lambda v: v.numpy(),
-    }
-    print("shape (b c f h w)     dtype      bytes   encode ms   put ms   get+decode ms   round trip ms   max |err|")
+    print("shape (b c f h w)     dtype             bytes  encode ms  put ms  get+decode ms  round trip ms  max |err|")
     for shape in ((1, 3, 76, 64, 64), (1, 3, 76, 192, 192)):
         # uniform in [-1, 1]: every uint8 bin is hit, so the error printed is the worst case
-        video = (torch.rand(shape, generator=g) * 2 - 1).clamp(-1, 1).float()
-        for kind, encode in encoders.items():
-            enc, put, dec, trip = [], [], [], []
-            for _ in range(reps):
+        video = torch.rand(shape, generator=g) * 2 - 1
+        times = {kind: {"enc": [], "put": [], "dec": [], "trip": []} for kind in codecs}
+        for _ in range(reps):
+            for kind, (encode, _) in codecs.items():
                 t0 = time.perf_counter()
                 x = encode(video)
                 t1 = time.perf_counter()
                 ref = ray.put(x)
                 t2 = time.perf_counter()
-                dec.append(ray.get(consumer.decode.remote([ref], kind)))
+                decode_seconds = ray.get(consumer.decode.remote([ref], kind))
                 t3 = time.perf_counter()
-                enc.append(t1 - t0), put.append(t2 - t1), trip.append(t3 - t0)
+                for key, value in (("enc", t1 - t0), ("put", t2 - t1), ("dec", decode_seconds), ("trip", t3 - t0)):
+                    times[kind][key].append(value)
                 del ref
-            back = from_uint8(x) if kind == "uint8" else torch.from_numpy(np.asarray(x, dtype=np.float32))
-            err = float((back - video).abs().max())
-            med = statistics.median
-            print(f"  {str(shape):<20} {kind:<8} {x.nbytes:10,d} {1e3 * med(enc):9.2f} {1e3 * med(put):8.2f}"
-                  f" {1e3 * med(dec):13.2f} {1e3 * med(trip):14.2f}   {err:.2e}")
+        for kind, (encode, decode) in codecs.items():
+            x = encode(video)
+            err = float((decode(x) - video).abs().max())
+            m = {k: 1e3 * statistics.median(v) for k, v in times[kind].items()}
+            print(f"  {str(shape):<20} {kind:<14} {x.nbytes:10,d} {m['enc']:9.2f} {m['put']:7.2f} {m['dec']:13.2f}"
+                  f" {m['trip']:14.2f}   {err:.2e}")
+        u = codecs["uint8"][0](video)
+        same = (np.array_equal(u, _to_uint8_inplace(video))
+                and torch.equal(codecs["uint8"][1](u), _from_uint8_inplace(u)))
+        print(f"  in-place uint8 encode and decode give the same bits as to_uint8 / from_uint8: {same}")
     ray.kill(consumer)
+    torch.set_num_threads(threads)
     per_video = 3 * (16 * 16 * 16 + 76 * 16 * 16 + 76 * 64 * 64 + 76 * 192 * 192)
     print(f"frames crossing stages per video (16x16^2, 76x16^2, 76x64^2, 76x192^2, 3 channels): "
           f"uint8 {per_video:,} B, float16 {2 * per_video:,} B, float32 {4 * per_video:,} B")

@@ -14,21 +14,25 @@ paper          Paper preset (cluster/presets/paper.yaml), fresh weights: ONE net
                sample is one 768x768 frame. Each stage runs in a fresh process (so peak memory is its own); the
                first evaluation is timed and further ones follow while the stage's time stays under
                --paper-budget seconds, up to --reps.
-factorisation  At the paper decoder's shapes, on --factorisation-frames frames: (a) PseudoConv3d (3x3 Conv2d on each frame + k=3 Conv1d
-               over frames, eq. 2) against nn.Conv3d 3x3x3, at level 0 (320 channels, 64x64); (b) spatial
+factorisation  At the paper decoder's shapes, on --factorisation-frames frames: (a) PseudoConv3d (3x3 Conv2d on
+               each frame + k=3 Conv1d over frames, eq. 2) against nn.Conv3d 3x3x3, at level 0 (320 channels,
+               64x64); (b) spatial
                self-attention on each frame followed by TemporalAttention (eq. 3) against self-attention over all
                f·h·w tokens, at level 1 (640 channels, 32x32, heads of 64), the decoder's first attention level.
-               Each layer runs in a fresh process; median of --reps.
+               Timing: median of --reps rounds, each round running the four layers in turn. Memory: one call
+               per layer, each in a fresh process.
 
 FLOPs are torch.utils.flop_counter.FlopCounterMode's count (matrix products and convolutions; a multiply-add is
 2 FLOPs) of one forward at batch 1, taken on the meta device: there F.scaled_dot_product_attention decomposes
 into the bmm's the counter sees, whereas its CPU kernel is not counted at all.
 
-Peak memory is measured in a fresh process per measurement: getrusage ru_maxrss after the first call, less the
-resident set (/proc/self/statm) just before it, with the network and its inputs already allocated. It is marked
-"≤" where ru_maxrss did not move (the process had peaked higher before the call, so the call's peak is not seen).
+Peak memory is measured in a fresh process per measurement: the kernel's peak resident set (VmHWM, reset through
+/proc/self/clear_refs just before the call) less the resident set just before it, with the network and its inputs
+already allocated. Where the kernel refuses the reset, the figure is marked "≤" if the peak did not move (the
+process had peaked higher before the call, so the call's own peak is not seen).
 
-Timings use torch.inference_mode and 2 torch threads. On a shared machine compare only figures of one run.
+Timings use torch.inference_mode and 2 torch threads; each timing gives wall seconds and the CPU seconds of the
+process (all threads), which a busy machine inflates less. On a shared machine compare only figures of one run.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -137,7 +140,8 @@ def network_call(name: str, net: nn.Module, cfg: CascadeConfig, frames: int | No
             kwargs["cond_frames"] = infill_inputs(torch.randn(1, 3, f, size, size, generator=g), known).to(device)
     else:
         noise_level = getattr(cfg, name).noise_level
-        kwargs = {"cond_frames": randn(1, 3, f, size, size), "noise_level": torch.tensor([float(noise_level)], device=device)}
+        kwargs = {"cond_frames": randn(1, 3, f, size, size),
+                  "noise_level": torch.tensor([float(noise_level)], device=device)}
     return lambda: net(x, t, **kwargs)
 
 
@@ -178,33 +182,58 @@ def module_flops(call: Callable[[], Any]) -> int:
 
 # -- measurement in a fresh process --------------------------------------------------------------
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mib(key: str) -> float:
+    """A size from /proc/self/status (VmRSS: resident set, VmHWM: its peak), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise ValueError(f"no {key!r} in /proc/self/status")
 
 
-def maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def reset_peak_rss() -> bool:
+    """Set the kernel's peak resident set (VmHWM) to the current one; False where this kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``call()``'s result, wall seconds and CPU seconds (this process, all its threads).
+
+    On an idle machine CPU seconds are about threads × wall; when other processes take the cores, wall grows
+    while CPU seconds grow less (threads waiting at a barrier spin for a while, which counts as CPU).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summary(walls: list[float], cpus: list[float], load: float) -> dict[str, Any]:
+    return {"seconds": walls, "cpu_seconds": cpus, "median_s": statistics.median(walls),
+            "median_cpu_s": statistics.median(cpus), "load_1min": load}
 
 
 def measure(call: Callable[[], Any], reps: int, budget: float) -> dict[str, Any]:
     """Time ``call`` (first call included) and the first call's peak memory above the resident set before it.
 
-    Calls after the first follow while the time spent stays under ``budget`` seconds, up to ``reps`` calls.
+    Calls after the first follow while the wall time spent stays under ``budget`` seconds, up to ``reps`` calls.
     """
-    before, peak_before = rss_mib(), maxrss_mib()
-    seconds = []
+    load = os.getloadavg()[0]
+    reset = reset_peak_rss()
+    before, peak_before = status_mib("VmRSS"), status_mib("VmHWM")
+    walls, cpus = [], []
     with torch.inference_mode():
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-        peak = maxrss_mib()
-        while len(seconds) < reps and sum(seconds) + seconds[-1] <= budget:
-            start = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mib": peak - before,
-            "peak_seen": peak > peak_before}
+        _, wall, cpu = timed(call)
+        walls.append(wall), cpus.append(cpu)
+        peak = status_mib("VmHWM")
+        while len(walls) < reps and sum(walls) + walls[-1] <= budget:
+            _, wall, cpu = timed(call)
+            walls.append(wall), cpus.append(cpu)
+    return {**summary(walls, cpus, load), "peak_mib": peak - before, "peak_seen": reset or peak > peak_before}
 
 
 def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -217,11 +246,11 @@ def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str,
 def paper_stage_worker(name: str, frames: int | None, reps: int, budget: float) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     cfg = load_preset("paper")
-    start, rss = time.perf_counter(), rss_mib()
+    start, rss = time.perf_counter(), status_mib("VmRSS")
     net = build_stage(name, getattr(cfg, name)).eval()
     built = time.perf_counter() - start
     call = network_call(name, net, cfg, frames)
-    return {"build_s": built, "weights_mib": rss_mib() - rss, **measure(call, reps, budget)}
+    return {"build_s": built, "weights_mib": status_mib("VmRSS") - rss, **measure(call, reps, budget)}
 
 
 # -- pseudo-3D against full 3D -------------------------------------------------------------------
@@ -264,7 +293,7 @@ class FullAttention(nn.Module):
 
 
 FACTORISATION = {
-    # name: (layer, channels, size) at 16 frames; the paper decoder's level 0 has convs only, level 1 the first attention
+    # label: (layer, channels, size); the paper decoder's level 0 has convs only, level 1 its first attention
     "pseudo-3D conv (Conv2d 3x3 + Conv1d 3)": ("pseudo_conv", 320, 64),
     "full Conv3d 3x3x3": ("conv3d", 320, 64),
     "spatial attn + temporal attn": ("factorised_attention", 640, 32),
@@ -292,15 +321,16 @@ def factorisation_layer(kind: str, channels: int, size: int, frames: int, device
             layer = FullAttention(channels, HEAD_DIM)
             x = torch.randn(1, channels, frames, size, size)
         else:
-            raise ValueError(f"unknown layer {kind!r}; expected one of {', '.join(k for k, _, _ in FACTORISATION.values())}")
+            kinds = ", ".join(k for k, _, _ in FACTORISATION.values())
+            raise ValueError(f"unknown layer {kind!r}; expected one of {kinds}")
     layer.eval()
     return lambda: layer(x)
 
 
-def factorisation_worker(kind: str, channels: int, size: int, frames: int, reps: int) -> dict[str, Any]:
+def factorisation_worker(kind: str, channels: int, size: int, frames: int) -> dict[str, Any]:
+    """One call's peak memory (and time) in this process."""
     torch.set_num_threads(THREADS)
-    call = factorisation_layer(kind, channels, size, frames)
-    return measure(call, reps, budget=float("inf"))
+    return measure(factorisation_layer(kind, channels, size, frames), reps=1, budget=0.0)
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -311,6 +341,10 @@ def load_average() -> str:
 
 def giga(flops: int) -> str:
     return f"{flops / 1e9:,.1f}" if flops >= 1e10 else f"{flops / 1e9:.3g}"
+
+
+def runs(seconds: list[float]) -> str:
+    return ", ".join(f"{x:.3g}" for x in seconds)
 
 
 def memory(r: dict[str, Any]) -> str:
@@ -342,24 +376,22 @@ def section_cpu(reps: int) -> dict[str, Any]:
                "sr_high": f"{cfg.output_frames}×{cfg.sr_high.out_size}² video"}
     rows = {}
     print("| stage | parameters | one evaluation on | GFLOPs per evaluation | sample | evaluations per sample "
-          "| s per sample (full stage) | runs (s) |")
-    print("|---|---:|---|---:|---|---:|---:|---|")
+          "| s per sample (full stage) | runs (s) | CPU s | load |")
+    print("|---|---:|---|---:|---|---:|---:|---|---:|---:|")
     for name in STAGE_NAMES:
-        seconds = []
+        load, walls, cpus = os.getloadavg()[0], [], []
         with torch.inference_mode():
             for _ in range(reps):
-                start = time.perf_counter()
-                result = full[name]()
-                seconds.append(time.perf_counter() - start)
+                result, wall, cpu = timed(full[name])
+                walls.append(wall), cpus.append(cpu)
                 out.setdefault(name, result)
         row = {"parameters": parameters(name, nets[name]), "evaluation": describe(name, cfg),
                "flops_per_evaluation": count_flops(name, cfg), "sample": samples[name],
-               "evaluations_per_sample": evaluations_per_sample(name, cfg), "seconds": seconds,
-               "median_s": statistics.median(seconds)}
+               "evaluations_per_sample": evaluations_per_sample(name, cfg), **summary(walls, cpus, load)}
         rows[name] = row
         print(f"| {LABELS[name]} | {row['parameters']:,} | {row['evaluation']} | {giga(row['flops_per_evaluation'])} "
-              f"| {row['sample']} | {row['evaluations_per_sample']} | {row['median_s']:.3f} "
-              f"| {', '.join(f'{s:.3f}' for s in seconds)} |", flush=True)
+              f"| {row['sample']} | {row['evaluations_per_sample']} | {row['median_s']:.3f} | {runs(walls)} "
+              f"| {row['median_cpu_s']:.3f} | {load:.1f} |", flush=True)
     total = sum(r["median_s"] for r in rows.values())
     print(f"\nSum of the stage medians: {total:.2f} s per video. CLIP's sample is the prompt and the negative prompt "
           f"in one call, as the CLIP runner encodes them; SR_h's sample is the whole {cfg.output_frames}-frame video "
@@ -373,9 +405,9 @@ def section_paper(reps: int, frames: int, budget: float) -> dict[str, Any]:
           f"video stages on {frames} frames\n")
     rows = {}
     print("| stage | parameters | one evaluation at paper shape | TFLOPs (paper shape) | evaluations per sample "
-          "(full stage) | measured on | TFLOPs (measured) | s per evaluation (measured) | runs (s) | GFLOP/s "
-          "| peak MiB above weights+inputs | weights MiB |")
-    print("|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|")
+          "(full stage) | measured on | TFLOPs (measured) | s per evaluation (measured) | runs (s) | CPU s "
+          "| GFLOP/s | peak MiB above weights+inputs | weights MiB | load |")
+    print("|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for name in STAGE_NAMES:
         timed_frames = None
         if name in ("decoder", "interpolation", "sr_low"):
@@ -388,15 +420,19 @@ def section_paper(reps: int, frames: int, budget: float) -> dict[str, Any]:
         paper_flops = count_flops(name, cfg)
         timed_flops = count_flops(name, cfg, timed_frames) if timed_frames is not None else paper_flops
         result = in_fresh_process(paper_stage_worker, name, timed_frames, reps, budget)
+        # SR_h's sample here is one frame, which costs one evaluation per step
+        evaluations = cfg.sr_high.diffusion.steps if name == "sr_high" else evaluations_per_sample(name, cfg)
         row = {"parameters": params, "evaluation": describe(name, cfg), "flops_per_evaluation": paper_flops,
-               "evaluations_per_sample": evaluations_per_sample(name, cfg) // (cfg.output_frames if name == "sr_high" else 1),
+               "evaluations_per_sample": evaluations,
                "measured_on": describe(name, cfg, timed_frames), "flops_measured": timed_flops, **result}
         rows[name] = row
         print(f"| {LABELS[name]} | {params:,} | {row['evaluation']} | {paper_flops / 1e12:.3g} "
               f"| {row['evaluations_per_sample']} | {row['measured_on']} | {timed_flops / 1e12:.3g} "
-              f"| {row['median_s']:.3f} | {', '.join(f'{s:.2f}' for s in row['seconds'])} "
-              f"| {timed_flops / 1e9 / row['median_s']:.1f} | {memory(row)} | {row['weights_mib']:,.0f} |", flush=True)
-    print(f"\nVideo stages measured on {frames} frames instead of the paper's (16 for D^t, {cfg.output_frames} for ↑F "
+              f"| {row['median_s']:.3f} | {runs(row['seconds'])} | {row['median_cpu_s']:.3f} "
+              f"| {timed_flops / 1e9 / row['median_s']:.1f} | {memory(row)} | {row['weights_mib']:,.0f} "
+              f"| {row['load_1min']:.1f} |", flush=True)
+    print(f"\nVideo stages measured on {frames} frames instead of the paper's ({cfg.decoder.frames} for D^t, "
+          f"{cfg.output_frames} for ↑F "
           f"and SR_l^t): the time is for the measured shape and is not scaled. SR_h's sample is ONE "
           f"{cfg.sr_high.out_size}x{cfg.sr_high.out_size} frame (its evaluations per sample are per frame; a video has "
           f"{cfg.output_frames}). CLIP's evaluation is one prompt; guided steps (P, D^t) cost two evaluations. "
@@ -405,23 +441,39 @@ def section_paper(reps: int, frames: int, budget: float) -> dict[str, Any]:
 
 
 def section_factorisation(reps: int, frames: int) -> dict[str, Any]:
-    print(f"\n## Pseudo-3D against full 3D, paper decoder shapes, {frames} frames, batch 1, median of {reps} "
-          f"(each layer in a fresh process)\n")
+    print(f"\n## Pseudo-3D against full 3D, paper decoder shapes, {frames} frames, batch 1: median of {reps} runs, "
+          f"the four layers interleaved in each round; peak memory of one call in a fresh process per layer\n")
+    calls = {label: factorisation_layer(kind, channels, size, frames)
+             for label, (kind, channels, size) in FACTORISATION.items()}
+    load = os.getloadavg()[0]
+    walls: dict[str, list[float]] = {label: [] for label in calls}
+    cpus: dict[str, list[float]] = {label: [] for label in calls}
+    with torch.inference_mode():
+        for _ in range(reps):  # interleaved, so that a busy spell of the shared machine hits every layer
+            for label, call in calls.items():
+                _, wall, cpu = timed(call)
+                walls[label].append(wall), cpus[label].append(cpu)
+    del calls
     rows = {}
-    print("| layer | input (channels, frames×size²) | GFLOPs | s (median) | runs (s) | peak MiB above input |")
-    print("|---|---|---:|---:|---|---:|")
+    print("| layer | input (channels, frames×size²) | GFLOPs | s (median) | runs (s) | CPU s "
+          "| peak MiB above input |")
+    print("|---|---|---:|---:|---|---:|---:|")
     for label, (kind, channels, size) in FACTORISATION.items():
         flops = module_flops(factorisation_layer(kind, channels, size, frames, device="meta"))
-        result = in_fresh_process(factorisation_worker, kind, channels, size, frames, reps)
-        rows[label] = {"kind": kind, "channels": channels, "size": size, "frames": frames, "flops": flops, **result}
-        print(f"| {label} | {channels}, {frames}×{size}² | {giga(flops)} | {result['median_s']:.3f} "
-              f"| {', '.join(f'{s:.2f}' for s in result['seconds'])} | {memory(result)} |", flush=True)
+        peak = in_fresh_process(factorisation_worker, kind, channels, size, frames)
+        row = {"kind": kind, "channels": channels, "size": size, "frames": frames, "flops": flops,
+               **summary(walls[label], cpus[label], load), "peak_mib": peak["peak_mib"], "peak_seen": peak["peak_seen"]}
+        rows[label] = row
+        print(f"| {label} | {channels}, {frames}×{size}² | {giga(flops)} | {row['median_s']:.3f} "
+              f"| {runs(row['seconds'])} "
+              f"| {row['median_cpu_s']:.3f} | {memory(row)} |", flush=True)
     labels = list(FACTORISATION)
     for factorised, full in ((labels[0], labels[1]), (labels[2], labels[3])):
         a, b = rows[factorised], rows[full]
-        print(f"\n{full} / {factorised}: time {b['median_s'] / a['median_s']:.2f}x, FLOPs {b['flops'] / a['flops']:.2f}x, "
+        print(f"\n{full} / {factorised}: time {b['median_s'] / a['median_s']:.2f}x, CPU time "
+              f"{b['median_cpu_s'] / a['median_cpu_s']:.2f}x, FLOPs {b['flops'] / a['flops']:.2f}x, "
               f"peak memory {b['peak_mib'] / a['peak_mib']:.2f}x")
-    print(f"\nLoad average after: {load_average()}")
+    print(f"\nLoad average before: {load:.1f}, after: {load_average()}")
     return rows
 
 
@@ -445,13 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.paper_frames < 2:
-        raise ValueError(f"--paper-frames must be >= 2 (one frame switches the temporal layers off), got {args.paper_frames}")
+        raise ValueError(f"--paper-frames must be >= 2 (one frame switches the temporal layers off), "
+                         f"got {args.paper_frames}")
 
     torch.set_num_threads(THREADS)
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
             "python": platform.python_version(), "torch": torch.__version__, "load_average": load_average(),
-            "command": " ".join([os.path.relpath(sys.executable, ROOT), os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])}
+            "command": " ".join([os.path.relpath(sys.executable, ROOT), os.path.relpath(sys.argv[0], ROOT),
+                                 *sys.argv[1:]])}
     print(" ".join(f"{k} {v}" for k, v in info.items() if k != "command"))
     print(f"command: {info['command']}")
     results: dict[str, Any] = {"info": info}

@@ -20,7 +20,6 @@ the same arguments and seed), ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` + ``GET 
 ``GET /healthz``, ``GET /readyz``, and the page at ``/``. Full queues answer 503 with ``Retry-After``.
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -30,14 +29,12 @@ import logging
 import math
 import os
 import random
-import secrets
 import sys
 import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import numpy as np
 import ray
@@ -115,6 +112,15 @@ def _rows(batch: dict[str, np.ndarray]) -> int:
     return len(batch["seed"])
 
 
+def _split(batch: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Inverse of ``_concat``: consecutive rows back into batches of ``sizes`` rows."""
+    parts, at = [], 0
+    for n in sizes:
+        parts.append({k: v[at : at + n] for k, v in batch.items()})
+        at += n
+    return parts
+
+
 @serve.deployment(max_ongoing_requests=8, max_queued_requests=32, ray_actor_options={"num_cpus": 1})
 class Stage:
     """One stage runner behind dynamic batching: ``run(rows) -> {"rows", "batch_size", "seconds"}``.
@@ -183,13 +189,9 @@ class Stage:
         return [o if isinstance(o, BaseException) else {"rows": o, "batch_size": n, "seconds": seconds} for o in outs]
 
     def _run_together(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        out = self.runner(_concat(items) if len(items) > 1 else items[0])
-        parts, at = [], 0
-        for item in items:
-            n = _rows(item)
-            parts.append({k: v[at : at + n] for k, v in out.items()})
-            at += n
-        return parts
+        if len(items) == 1:
+            return [self.runner(items[0])]
+        return _split(self.runner(_concat(items)), [_rows(item) for item in items])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,19 +345,9 @@ async def _validation_error(request: HttpRequest, exc: RequestValidationError) -
             messages.append("body: expected a JSON object")
         else:
             messages.append(f"{_field(err.get('loc', ()))}: {err.get('msg')}")
-    return JSONResponse({"error": "; ".join(messages) or "invalid request", "detail": _plain(exc.errors())},
-                        status_code=422)
-
-
-def _plain(errors: Any) -> Any:
-    """Validation errors as JSON (pydantic puts exception objects into ``ctx``)."""
-    if isinstance(errors, dict):
-        return {k: _plain(v) for k, v in errors.items()}
-    if isinstance(errors, (list, tuple)):
-        return [_plain(v) for v in errors]
-    if errors is None or isinstance(errors, (str, int, float, bool)):
-        return errors
-    return str(errors)
+    detail = [{"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg")), "type": str(err.get("type"))}
+              for err in exc.errors()]  # without the rejected input: it may be large, or not JSON (inf)
+    return JSONResponse({"error": "; ".join(messages) or "invalid request", "detail": detail}, status_code=422)
 
 
 async def _http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
@@ -499,12 +491,10 @@ class Api:
                 if time.monotonic() > deadline:
                     raise StageUnavailable(name) from None
                 await asyncio.sleep(0.5)
-            except (StageBusy, StageUnavailable, asyncio.CancelledError):
-                raise
-            except Exception as e:
-                lines = [line for line in str(e).splitlines() if line.strip()]
+            except Exception as e:  # the runner raised (a RayTaskError carrying its exception as .cause)
                 cause = getattr(e, "cause", None) or e
-                raise StageFailed(f"{name}: {type(cause).__name__}: {lines[-1] if lines else ''}"[:500]) from None
+                lines = [line for line in str(cause).splitlines() if line.strip()]
+                raise StageFailed(f"{name}: {type(cause).__name__}: {lines[0] if lines else ''}"[:500]) from None
 
     async def _cascade(self, request: Request, on_stage=None, *, wait_when_busy: bool = False) -> tuple[dict, dict]:
         rows = to_batch([request])
@@ -808,8 +798,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             check_writable(spec.output)
         except Exception as e:
             raise CliError(f"cannot write to {spec.output}: {e}") from None
-    if not 1 <= args.port <= 65535:
-        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    port = args.port if args.port is not None else config.http_options.get("port", 8000)
+    if not 1 <= port <= 65535:
+        raise CliError(f"--port must be in 1..65535, got {port}")
     host = args.host or config.http_options.get("host") or "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(API_KEY_ENV):
         print(f"warning: serving on {host} without {API_KEY_ENV}: anyone who can reach it can generate videos",
@@ -842,7 +833,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"deploying {config.name} ({spec.checkpoint or 'preset ' + spec.preset}); loading the stages...",
               file=sys.stderr)
-        url = run_local(spec, overrides, host=host, port=args.port, name=config.name,
+        url = run_local(spec, overrides, host=host, port=port, name=config.name,
                         route_prefix=config.route_prefix,
                         http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
         print(f"serving on {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
@@ -868,7 +859,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the cascade over HTTP on Ray Serve (API, page, jobs)")
     p.add_argument("--config", help="Serve config YAML (default: the packaged cluster/serve.yaml)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's http_options.host)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, help="port (default 8000, or the config's http_options.port)")
     p.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the config's, else fresh weights)")
     p.add_argument("--preset", help="stage preset name or YAML path (default: the config's, else cpu)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
@@ -877,4 +868,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 __all__ = ["AppArgs", "BatchSettings", "add_parser", "build_app", "build_application", "cmd_serve",
-           "load_serve_config", "run_local", "secrets"]
+           "load_serve_config", "run_local"]

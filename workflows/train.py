@@ -140,12 +140,14 @@ def _batches(shard, batch_size: int, seed: int):
     epoch = 0
     while True:
         n = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
+        # Full batches only: every step sees batch_size items (contrastive losses depend on it) and every
+        # worker takes the same number of steps per epoch.
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=batch_size * 4, local_shuffle_seed=seed + epoch):
             n += 1
             yield batch
         if n == 0:
-            raise RuntimeError("this worker's data shard is empty")
+            raise RuntimeError(f"this worker's data shard holds fewer than batch_size={batch_size} items")
         epoch += 1
 
 
