@@ -225,8 +225,9 @@ class EMA:
     def update(self, net: nn.Module, step: int) -> None:
         # Warm the average up (as in diffusers' EMAModel): early weights are forgotten fast.
         d = min(self.decay, (1 + step) / (10 + step))
+        frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
         for k, v in net.state_dict().items():
-            if v.dtype.is_floating_point:
+            if v.dtype.is_floating_point and k not in frozen:  # frozen weights stay exactly as they are
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)

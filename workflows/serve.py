@@ -726,24 +726,25 @@ def load_serve_config(path: str | None = None) -> ServeConfig:
 
 def fit_to_cluster(overrides: dict[str, dict], resources_available: dict[str, float]) -> tuple[dict, list[str]]:
     """Drop GPU and custom-resource requests the cluster cannot meet at all (a CPU-only machine runs the
-    GPU config); returns the new overrides and one notice per change."""
-    fitted, notices = {}, []
+    GPU config, as ``mav batch`` does with its pools); returns the new overrides and a notice per kind."""
+    fitted, dropped = {}, {}
     for name, opts in overrides.items():
         opts = dict(opts)
         actor = dict(opts.get("ray_actor_options") or {})
         if actor.get("num_gpus") and not resources_available.get("GPU"):
-            notices.append(f"{name}: the cluster has no GPUs; its num_gpus={actor['num_gpus']} request is dropped")
+            dropped.setdefault("GPUs", []).append(name)
             actor["num_gpus"] = 0
-        custom = dict(actor.get("resources") or {})
-        for res in list(custom):
-            if res not in resources_available:
-                notices.append(f"{name}: the cluster has no resource {res!r}; the request is dropped")
+        if actor.get("resources"):
+            custom = dict(actor["resources"])
+            for res in [r for r in custom if r not in resources_available]:
+                dropped.setdefault(f"resource {res!r}", []).append(name)
                 del custom[res]
-        if "resources" in actor:
             actor["resources"] = custom
         if actor:
             opts["ray_actor_options"] = actor
         fitted[name] = opts
+    notices = [f"the cluster has no {what}; dropped from the requests of {', '.join(names)}"
+               for what, names in dropped.items()]
     return fitted, notices
 
 
@@ -820,6 +821,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Exception as e:
         raise CliError(f"cannot start or join Ray ({args.address or 'local'}): {e}", 1) from None
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     overrides, notices = fit_to_cluster(config.overrides, ray.cluster_resources())
     for notice in notices:
         print(f"notice: {notice}", file=sys.stderr)

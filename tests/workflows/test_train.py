@@ -21,8 +21,10 @@ from stages.training import TrainConfig, probe
 from workflows.synth import synth
 from workflows.train import TrainJob, read_metrics, run_training
 
+pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight stages
+
 ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
-CONFIG = TrainConfig(batch_size=8, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
+CONFIG = TrainConfig(batch_size=4, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -182,4 +184,4 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     thread.join(timeout=300)
     assert killed
     assert result["step"] == 40
-    assert result["resumed_from"] >= 8  # restarted from a checkpoint, not from scratch
+    assert 4 <= result["resumed_from"] < 40  # restarted from a checkpoint, not from scratch
