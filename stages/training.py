@@ -258,7 +258,10 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # JSON turned tuples (e.g. Adam's betas) into lists; the optimizer expects them as they were.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
