@@ -223,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
     bat.set_defaults(func=cmd_batch)
 
-    from workflows.train import add_parsers
+    from workflows import serve, train
 
-    add_parsers(sub)
+    serve.add_parser(sub)
+    train.add_parsers(sub)
     return parser
 
 
