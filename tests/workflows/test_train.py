@@ -25,6 +25,12 @@ pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight st
 
 ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
 CONFIG = TrainConfig(batch_size=4, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
+# Contrastive training of the tiny CLIP collapses to chance (loss log b) at lr 1e-3; at 3e-4 it learns within 48 steps.
+STAGE_CONFIG = {"clip": dataclasses.replace(CONFIG, lr=3e-4, max_steps=48, log_every=8, checkpoint_every=24)}
+
+
+def config_of(stage: str) -> TrainConfig:
+    return STAGE_CONFIG.get(stage, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,8 @@ def trained(ray_session, data, tiny_preset_file):
                             init=out, workers=2, config=dataclasses.replace(CONFIG, max_steps=6, temporal_only=True))
             results["sr-low-image"] = load_stage(out, "sr_low")[1].state_dict()
             results["temporal-only"] = (only.output, run_training(only))
-        job = TrainJob(stage=stage, data=(data,), output=out, config=CONFIG, preset=tiny_preset_file, init=init, workers=2)
+        job = TrainJob(stage=stage, data=(data,), output=out, config=config_of(stage), preset=tiny_preset_file,
+                       init=init, workers=2)
         results[stage] = run_training(job)
     return out, results
 
@@ -68,10 +75,11 @@ def test_every_stage_trains_and_its_loss_goes_down(trained):
     out, results = trained
     for stage in ORDER:
         losses = [r["loss"] for r in read_metrics(out, stage)]
-        assert len(losses) == CONFIG.max_steps // CONFIG.log_every, stage
+        config = config_of(stage)
+        assert len(losses) == config.max_steps // config.log_every, stage
         half = len(losses) // 2
         assert np.mean(losses[half:]) < np.mean(losses[:half]), (stage, losses)
-        assert results[stage]["step"] == CONFIG.max_steps
+        assert results[stage]["step"] == config.max_steps
 
 
 def test_corrupt_items_are_skipped_and_counted(trained):
