@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
     bat.set_defaults(func=cmd_batch)
 
-    from workflows import serve, train
+    from workflows import evaluate, recipe, serve, train
 
     serve.add_parser(sub)
     train.add_parsers(sub)
+    recipe.add_parsers(sub)
+    evaluate.add_parsers(sub)
     return parser
 
 

@@ -68,9 +68,15 @@ def random_image(rng: np.random.Generator, size: int, combos: list[tuple[str, st
 
 
 def random_video(rng: np.random.Generator, size: int, frames: int) -> np.ndarray:
-    """uint8 ``3 f h w``: one shape moving in a straight line at constant speed, bouncing off the edges."""
+    """uint8 ``3 f h w``: a random shape of a random colour moving (see :func:`moving_video`)."""
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
+    return moving_video(rng, size, frames, colour, shape)
+
+
+def moving_video(rng: np.random.Generator, size: int, frames: int, colour: str, shape: str) -> np.ndarray:
+    """uint8 ``3 f h w``: one ``colour`` ``shape`` moving in a straight line at constant speed, bouncing off
+    the edges; its radius, start and velocity are drawn from ``rng``."""
     r = rng.uniform(0.15, 0.25) * size
     pos = rng.uniform(r, size - r, 2)
     angle = rng.uniform(0, 2 * np.pi)
@@ -87,9 +93,28 @@ def random_video(rng: np.random.Generator, size: int, frames: int) -> np.ndarray
     return out.transpose(3, 0, 1, 2)
 
 
+def parse_combo(text: str) -> tuple[str, str]:
+    """``"red triangle"`` -> ``("red", "triangle")``; ValueError naming the text unless it is a palette colour
+    and a known shape."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"held-out combination {text!r}: expected 'COLOUR SHAPE' with COLOUR one of "
+                         f"{', '.join(COLOURS)} and SHAPE one of {', '.join(SHAPES)}")
+    return words[0], words[1]
+
+
+def parse_holdout(items) -> list[tuple[str, str]]:
+    """Held-out colour×shape combinations given as ``"colour shape"`` strings."""
+    return [parse_combo(text) for text in items]
+
+
 def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 96, fmt: str = "parquet",
           shard: int = 256, seed: int = 0, holdout: list[tuple[str, str]] | None = None, progress=None) -> dict:
-    """Write the synthetic data set under ``out``; ``holdout`` colour×shape pairs get no captioned image."""
+    """Write the synthetic data set under ``out``; ``holdout`` colour×shape pairs get no captioned image.
+
+    Held-out pairs still move in the uncaptioned videos (the video stages never see a caption), so only the
+    text side (CLIP, the prior) never meets them: that is what compositional generalisation is measured on.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,7 +126,12 @@ def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 9
         raise ValueError(f"format must be parquet or tar, got {fmt!r}")
     rng = np.random.default_rng(seed)
     held = set(holdout or [])
+    for colour, shape in held:
+        if colour not in COLOURS or shape not in SHAPES:
+            raise ValueError(f"held-out combination {(colour, shape)!r}: not a palette colour and a known shape")
     combos = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+    if images and not combos:
+        raise ValueError("holdout leaves no colour×shape combination for the captioned images")
     written = {"images": 0, "videos": 0}
     for start in range(0, images, shard):
         n = min(shard, images - start)

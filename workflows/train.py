@@ -521,6 +521,8 @@ def add_parsers(sub) -> None:
     syn.add_argument("--frames", type=int, default=96, help="frames per video, at 30 fps (default 96)")
     syn.add_argument("--format", default="parquet", choices=("parquet", "tar"), help="image shard format")
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--holdout", nargs="*", default=[], metavar="'COLOUR SHAPE'",
+                     help="colour×shape pairs left out of the captioned images (e.g. 'red triangle')")
     syn.set_defaults(func=cmd_synth)
 
 
@@ -554,7 +556,7 @@ def cmd_train(args) -> int:
 
 def cmd_synth(args) -> int:
     from workflows.cli import CliError
-    from workflows.synth import synth
+    from workflows.synth import parse_holdout, synth
 
     if args.images < 0 or args.videos < 0:
         raise CliError("--images and --videos must be >= 0")
@@ -565,7 +567,7 @@ def cmd_synth(args) -> int:
 
     try:
         written = synth(args.out, images=args.images, videos=args.videos, size=args.size, frames=args.frames,
-                        fmt=args.format, seed=args.seed, progress=progress)
+                        fmt=args.format, seed=args.seed, holdout=parse_holdout(args.holdout), progress=progress)
     except ValueError as e:
         raise CliError(str(e)) from None
     print(f"wrote {written['images']} images and {written['videos']} videos under {args.out}", file=sys.stderr)

@@ -1,0 +1,186 @@
+"""`mav recipe` at smoke size on a real local Ray instance, then `mav eval` on its bundle; the eval's judge
+on ground-truth synthetic videos."""
+
+import argparse
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from stages.checkpoint import load_bundle_config, load_stage_config
+from stages.config import ConfigError
+from workflows import evaluate, recipe
+from workflows.synth import COLOURS, SHAPES, draw, moving_video, parse_holdout, synth
+
+pytestmark = pytest.mark.timeout(600)
+
+HELD = ("red triangle", "blue circle", "yellow square")
+
+
+def smoke_recipe(preset: str) -> recipe.RecipeConfig:
+    """The shipped smoke recipe on the tiny preset, with less data (one step per stage)."""
+    r = recipe.load_recipe(recipe.recipe_path("shapes", "smoke"))
+    stages = {s: dataclasses.replace(c, max_steps=1, checkpoint_every=1) for s, c in r.stages.items()}
+    return dataclasses.replace(r, preset=preset, stages=stages, cpus_per_worker=1.0,
+                               data=recipe.DataSpec(images=24, videos=4, size=32, frames=24))
+
+
+@pytest.fixture(scope="module")
+def bundle(ray_session, tiny_preset_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("recipe") / "shapes")
+    state = recipe.run_recipe(smoke_recipe(tiny_preset_file), out, log=lambda text: None)
+    return out, state
+
+
+def run_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mav")
+    evaluate.add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def report(bundle, tmp_path_factory):
+    out, _ = bundle
+    d = tmp_path_factory.mktemp("eval")
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in [
+        {"id": "a", "prompt": "a green circle on a white background", "seed": 1},
+        {"id": "b", "prompt": "a red triangle on a white background", "seed": 2},
+        {"id": "c", "prompt": "A Purple SQUARE.", "seed": 3},
+    ]) + "\n")
+    assert run_eval(["--checkpoint", out, "--prompts", str(prompts), "--out", str(d / "out"), "--judge-videos", "6",
+                     "--batch-size", "2"]) == 0
+    return d / "out", json.loads((d / "out" / "report.json").read_text())
+
+
+def test_recipe_trains_every_stage_in_the_papers_order_into_one_bundle(bundle):
+    out, state = bundle
+    assert list(state["steps"]) == ["synth", "clip", "prior", "decoder", "sr-low", "sr-high", "keep-image-stages",
+                                    "decoder-video", "sr-low-video", "interpolation"]
+    assert all(s["seconds"] >= 0 for s in state["steps"].values())
+    assert state["settings"]["holdout"] == list(HELD)
+    load_bundle_config(out)  # every stage present and chained
+    assert load_stage_config(out, "decoder").unet.temporal
+    assert load_stage_config(out, "sr_low").unet.temporal
+    assert not load_stage_config(f"{out}/_image", "decoder").unet.temporal  # the image-only baseline's D
+    assert not load_stage_config(f"{out}/_image", "sr_low").unet.temporal
+    assert recipe.read_state(out) == state
+
+
+def test_captions_leave_the_held_out_combinations_out(bundle):
+    _, state = bundle
+    captions = set()
+    for path in (Path(state["data"]) / "images").glob("*.parquet"):
+        captions |= set(pq.read_table(path).column("caption").to_pylist())
+    for colour, shape in parse_holdout(HELD):
+        assert f"a {colour} {shape} on a white background" not in captions
+    assert captions
+
+
+def test_rerun_skips_finished_steps_and_other_settings_are_refused(bundle, tiny_preset_file):
+    out, state = bundle
+    lines = []
+    again = recipe.run_recipe(smoke_recipe(tiny_preset_file), out, log=lines.append)
+    assert again["steps"] == state["steps"]
+    assert sum("skipped" in line for line in lines) == len(recipe.RECIPE_ORDER)
+    other = dataclasses.replace(smoke_recipe(tiny_preset_file), holdout=("green square",))
+    with pytest.raises(ConfigError, match="other settings"):
+        recipe.run_recipe(other, out)
+
+
+def test_recipe_files_are_checked(tmp_path):
+    for text, match in [("stages: {decoder-vidoe: {max_steps: 1}}", "decoder-vidoe"),
+                        ("holdout: [pink circle]", "pink circle"),
+                        ("train: {max_stepz: 3}", "max_stepz"),
+                        ("data: {imagez: 3}", "imagez")]:
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            recipe.load_recipe(str(path))
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        recipe.recipe_path("spheres")
+    full = recipe.load_recipe(recipe.recipe_path("shapes"))
+    assert full.holdout == HELD and full.stages["decoder-video"].frames == 16
+
+
+def test_eval_reports_both_models_per_prompt_and_overall(report, bundle):
+    out_dir, rep = report
+    assert rep["holdout"] == sorted(HELD)
+    assert set(rep["models"]) == {"video", "image_baseline"}
+    assert rep["models"]["image_baseline"]["stages"]["decoder"].endswith("_image")
+    assert rep["models"]["image_baseline"]["stages"]["interpolation"] == bundle[0]
+    for m in rep["models"].values():
+        assert m["overall"]["videos"] == 3 and m["seen"]["videos"] == 2 and m["held_out"]["videos"] == 1
+        for key in ("colour_accuracy", "shape_accuracy", "colour_identity", "shape_identity", "present"):
+            assert 0 <= m["overall"][key] <= 1
+        rows = {r["id"]: r for r in m["prompts"]}
+        for rid, expected in (("b", ("red", "triangle", True)), ("c", ("purple", "square", False))):
+            assert (rows[rid]["target_colour"], rows[rid]["target_shape"], rows[rid]["held_out"]) == expected
+        for r in m["prompts"]:
+            assert r["video"].startswith(str(out_dir)) and Path(r["video"]).stat().st_size > 0
+    judge = rep["judge"]
+    assert judge["videos"] == 6 and judge["frame_colour_accuracy"] == 1.0 and judge["frame_shape_accuracy"] == 1.0
+    for name in ("report.png", "samples.png"):
+        assert Image.open(out_dir / name).format == "PNG"
+
+
+def test_eval_refuses_prompts_it_cannot_judge(bundle, tmp_path):
+    from workflows.cli import CliError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball bouncing\n")
+    with pytest.raises(CliError, match="one colour .* and one shape"):
+        run_eval(["--checkpoint", bundle[0], "--prompts", str(prompts), "--out", str(tmp_path / "o")])
+    with pytest.raises(CliError, match="pink"):
+        run_eval(["--checkpoint", bundle[0], "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                  "--holdout", "pink circle"])
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_is_exact_on_ground_truth_synth_videos(size):
+    j = evaluate.judge_accuracy(size, 76, 54)
+    assert j["frame_colour_accuracy"] == 1.0 and j["frame_shape_accuracy"] == 1.0
+    assert j["fill"]["square"]["min"] == 1.0
+    assert j["fill"]["triangle"]["max"] < j["fill"]["circle"]["min"]
+    assert j["reference"]["present"] == 1.0 and j["reference"]["colour_identity"] == 1.0
+
+
+def test_judge_reads_colour_shape_and_position_of_one_frame():
+    for colour in COLOURS:
+        for shape in SHAPES:
+            frame = draw(shape, colour, cx=20.0, cy=40.0, r=12.0, size=64)
+            j = evaluate.judge_frames(frame.transpose(2, 0, 1)[:, None])
+            assert (list(COLOURS)[j["colour"][0]], SHAPES[j["shape"][0]]) == (colour, shape)
+            assert abs(j["centroid"][0, 0] - 20 / 64) < 0.01
+    blank = np.full((3, 2, 64, 64), 255, np.uint8)
+    m = evaluate.video_metrics(evaluate.judge_frames(blank), "red", "circle")
+    assert m["present"] == 0.0 and not m["colour_ok"] and m["displacement_mean"] is None
+
+
+def test_independent_frames_score_worse_coherence_than_motion():
+    rng = np.random.default_rng(0)
+    moving = evaluate.video_metrics(evaluate.judge_frames(moving_video(rng, 64, 16, "blue", "square")),
+                                    "blue", "square")
+    jumps = np.concatenate([moving_video(rng, 64, 1, "blue", "square") for _ in range(16)], axis=1)
+    jumping = evaluate.video_metrics(evaluate.judge_frames(jumps), "blue", "square")
+    assert jumping["displacement_mean"] > 3 * moving["displacement_mean"]
+    assert jumping["acceleration_mean"] > 3 * moving["acceleration_mean"]
+
+
+def test_synth_holdout_is_checked_and_leaves_pairs_out(tmp_path):
+    with pytest.raises(ValueError, match="pink"):
+        parse_holdout(["pink circle"])
+    with pytest.raises(ValueError, match="not a palette colour"):
+        synth(str(tmp_path / "x"), images=1, videos=0, holdout=[("red", "cube")])
+    synth(str(tmp_path / "d"), images=40, videos=0, size=16, holdout=[(c, "circle") for c in COLOURS])
+    captions = pq.read_table(tmp_path / "d" / "images" / "part-00000.parquet").column("caption").to_pylist()
+    assert len(captions) == 40 and not any("circle" in c for c in captions)
+    img = Image.open(io.BytesIO(pq.read_table(tmp_path / "d" / "images" / "part-00000.parquet")
+                                .column("image")[0].as_py()))
+    assert img.size == (16, 16)

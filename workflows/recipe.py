@@ -1,0 +1,255 @@
+"""``mav recipe``: the demo model in one command, trained without a single text–video pair.
+
+    mav recipe shapes --output models/shapes                      # the full recipe (cluster/recipes/shapes.yaml)
+    mav recipe shapes --output /tmp/shapes-smoke --size smoke     # the same steps in a few minutes (CI)
+    mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/shapes
+
+The steps, in Make-A-Video's order (Sec. 3.4):
+
+  1. ``mav data synth``: captioned still images of coloured shapes, leaving out the recipe's held-out
+     colour×shape pairs, and uncaptioned videos of shapes moving (workflows/synth.py);
+  2. ``mav train`` clip → prior → decoder → sr-low → sr-high on the stills: the text-to-image model;
+  3. the image decoder D and SR_l are kept in ``OUTPUT/_image``: with its temporal layers at identity D^t
+     is D on every frame, the image-only baseline that ``mav eval`` compares with;
+  4. ``mav train`` decoder-video → sr-low-video → interpolation on the videos, each starting from the
+     stage before it (temporal layers inflated at identity; ↑F from D^t).
+
+``OUTPUT`` is a checkpoint bundle (its stage directories are what ``mav generate --checkpoint`` loads),
+plus ``_image/`` (the baseline's stages), ``_train/`` (train.py's run state and loss logs), ``_data/``
+(the synthetic data, unless ``--data`` puts it elsewhere) and ``_recipe/recipe.json`` (the settings, the
+held-out pairs, and each step's seconds and final loss). Rerunning the same command continues an
+interrupted recipe: finished steps are skipped, an interrupted stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import fsspec
+import yaml
+
+from stages.checkpoint import CheckpointError, join, load_stage, save_stage, write_bytes_atomic
+from stages.config import ConfigError, from_dict, to_dict, yaml_problem
+from stages.training import STAGE_OF, TrainConfig
+from workflows.presets import load_preset
+
+RECIPE_ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
+IMAGE_DIR = "_image"        # the image-trained stages that video fine-tuning replaces: the baseline
+IMAGE_STAGES = ("decoder", "sr_low")
+DATA_DIR = "_data"
+STATE_FILE = join("_recipe", "recipe.json")
+SIZES = ("full", "smoke")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    images: int = 4000              # captioned still images
+    videos: int = 300               # uncaptioned videos
+    size: int = 64                  # image and video height = width, pixels
+    frames: int = 96                # frames per video, at 30 fps
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    preset: str = "shapes"          # stage preset (network sizes): a name under cluster/presets or a YAML path
+    data: DataSpec = field(default_factory=DataSpec)
+    holdout: tuple[str, ...] = ()   # "colour shape" pairs no caption mentions (compositional generalisation)
+    workers: int = 1                # Ray Train workers per stage
+    cpus_per_worker: float = 2.0    # also each worker's torch thread count
+    stages: dict = field(default_factory=dict)  # training stage -> TrainConfig (YAML: defaults under ``train``)
+
+    def __post_init__(self) -> None:
+        from workflows.synth import parse_holdout
+
+        try:
+            parse_holdout(self.holdout)
+        except ValueError as e:
+            raise ConfigError(f"holdout: {e}") from None
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+    def settings(self) -> dict:
+        """Everything that determines the trained model, as plain data (recorded in recipe.json)."""
+        out = to_dict(dataclasses.replace(self, stages={}))
+        for where_it_runs in ("workers", "cpus_per_worker"):
+            del out[where_it_runs]
+        out["stages"] = {s: to_dict(c) for s, c in self.stages.items()}
+        return out
+
+
+def recipe_dir() -> str:
+    return str(resources.files("cluster") / "recipes")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p[: -len(".yaml")] for p in os.listdir(recipe_dir())
+                  if p.endswith(".yaml") and not p.endswith(tuple(f"-{s}.yaml" for s in SIZES)))
+
+
+def recipe_path(name: str, size: str = "full") -> str:
+    if name not in recipe_names():
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(recipe_names())}")
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    return os.path.join(recipe_dir(), f"{name}.yaml" if size == "full" else f"{name}-{size}.yaml")
+
+
+def load_recipe(path: str) -> RecipeConfig:
+    """A recipe YAML: ``preset``, ``data``, ``holdout``, ``workers``, ``cpus_per_worker``; ``train``: the
+    TrainConfig fields every stage shares; ``stages``: per training stage, the fields that differ."""
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = yaml.safe_load(f.read())
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {yaml_problem(e)}") from None
+    raw = dict(raw or {})
+    if not all(isinstance(raw.get(k, {}) or {}, dict) for k in ("train", "stages")):
+        raise ConfigError(f"{path}: train and stages must be mappings")
+    defaults = from_dict(TrainConfig, raw.pop("train", None) or {}, "train")
+    per_stage = raw.pop("stages", None) or {}
+    unknown = sorted(set(per_stage) - set(RECIPE_ORDER))
+    if unknown:
+        raise ConfigError(f"{path}: unknown stage {unknown[0]!r} under stages; "
+                          f"expected one of {', '.join(RECIPE_ORDER)}")
+    head = from_dict(RecipeConfig, raw)
+    stages = {s: from_dict(TrainConfig, per_stage.get(s) or {}, f"stages.{s}", base=defaults) for s in RECIPE_ORDER}
+    return dataclasses.replace(head, stages=stages)
+
+
+def read_state(output: str) -> dict | None:
+    """``OUTPUT/_recipe/recipe.json``: what a (possibly interrupted) recipe run has done, or None."""
+    try:
+        with fsspec.open(join(output, STATE_FILE), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_state(output: str, state: dict) -> None:
+    write_bytes_atomic(join(output, STATE_FILE), json.dumps(state, indent=2).encode())
+
+
+def _keep_image_stages(output: str) -> None:
+    """Copy the image-trained D and SR_l to ``OUTPUT/_image`` before the video stages replace them."""
+    for name in IMAGE_STAGES:
+        cfg, net = load_stage(output, name)
+        save_stage(join(output, IMAGE_DIR), name, cfg, net)
+
+
+def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, log=None) -> dict:
+    """Synthesise the data and train every stage of ``recipe`` into the bundle ``output``, on the connected
+    Ray cluster; returns the recipe state (as written to recipe.json).
+
+    Raises ConfigError for a recipe that cannot run, or an ``output`` holding a recipe run of other settings.
+    """
+    from workflows.synth import parse_holdout, synth
+    from workflows.train import TrainJob, has_run, run_training
+
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    load_preset(recipe.preset)
+    data = data or join(output, DATA_DIR)
+    settings = recipe.settings()
+    state = read_state(output)
+    if state is None:
+        state = {"settings": settings, "data": data, "image_baseline": join(output, IMAGE_DIR), "steps": {}}
+    elif state["settings"] != settings or state["data"] != data:
+        raise ConfigError(f"{output} holds a recipe run with other settings or data ({join(output, STATE_FILE)}): "
+                          f"choose another --output")
+    steps = state["steps"]
+    start = time.perf_counter()
+    if "synth" not in steps:
+        log(f"[recipe] synth: {recipe.data.images} captioned images, {recipe.data.videos} videos -> {data}")
+        t0 = time.perf_counter()
+        d = recipe.data
+        written = synth(data, images=d.images, videos=d.videos, size=d.size, frames=d.frames, seed=d.seed,
+                        holdout=parse_holdout(recipe.holdout))
+        steps["synth"] = {"seconds": round(time.perf_counter() - t0, 1), **written}
+        _write_state(output, state)
+    for stage in RECIPE_ORDER:
+        if stage == "decoder-video" and "keep-image-stages" not in steps:
+            _keep_image_stages(output)
+            steps["keep-image-stages"] = {"seconds": 0.0, "stages": list(IMAGE_STAGES)}
+            _write_state(output, state)
+        if stage in steps:
+            log(f"[recipe] {stage}: done in an earlier run, skipped")
+            continue
+        cfg = recipe.stages[stage]
+        job = TrainJob(stage=stage, data=(data,), output=output, config=cfg, preset=recipe.preset,
+                       init=output if STAGE_OF[stage][1] else None, workers=recipe.workers,
+                       cpus_per_worker=recipe.cpus_per_worker)
+        resume = has_run(job)
+        log(f"[recipe] {stage}: {cfg.max_steps} steps of batch {cfg.batch_size}" + (" (resuming)" if resume else ""))
+        t0 = time.perf_counter()
+        metrics = run_training(job, resume=resume)
+        seconds = time.perf_counter() - t0
+        steps[stage] = {"seconds": round(seconds, 1), "steps": int(metrics.get("step", cfg.max_steps)),
+                        "loss": metrics.get("loss"), "resumed": resume}
+        _write_state(output, state)
+        log(f"[recipe] {stage}: done in {seconds:.0f}s, final loss {metrics.get('loss', float('nan')):.4f}")
+    state["seconds"] = round(sum(s["seconds"] for s in steps.values()), 1)
+    _write_state(output, state)
+    log(f"[recipe] done: {state['seconds']:.0f}s of steps ({time.perf_counter() - start:.0f}s this run); "
+        f"bundle {output}, image-only baseline {state['image_baseline']}")
+    return state
+
+
+def summary_lines(state: dict) -> list[str]:
+    """One line per step: seconds and final loss."""
+    lines = []
+    for name, s in state["steps"].items():
+        loss = s.get("loss")
+        lines.append(f"  {name:<18} {s['seconds']:8.1f}s" + (f"  loss {loss:.4f}" if loss is not None else ""))
+    return lines
+
+
+def add_parsers(sub) -> None:
+    """The ``mav recipe`` subcommand."""
+    rec = sub.add_parser("recipe", help="synthesise data and train every stage into one bundle (the demo model)")
+    rec.add_argument("name", help="recipe under cluster/recipes (shapes)")
+    rec.add_argument("--output", required=True, metavar="URL", help="checkpoint bundle to write")
+    rec.add_argument("--size", default="full", choices=SIZES, help="full (the demo model) or smoke (minutes, for CI)")
+    rec.add_argument("--config", metavar="FILE", help="a recipe YAML of your own instead of NAME's")
+    rec.add_argument("--data", metavar="URL", help="where the synthetic data goes (default OUTPUT/_data)")
+    rec.add_argument("--preset", help="stage preset instead of the recipe's (name or YAML path)")
+    rec.add_argument("--workers", type=int, help="Ray Train workers per stage (default: the recipe's)")
+    rec.add_argument("--cpus-per-worker", type=float,
+                     help="CPUs per worker, also its thread count (default: the recipe's)")
+    rec.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    rec.set_defaults(func=cmd_recipe)
+
+
+def cmd_recipe(args) -> int:
+    from workflows.cli import EXIT_USAGE, CliError
+    from workflows.train import init_ray_for_training
+    from workflows.train_data import DataError
+
+    try:
+        recipe = load_recipe(args.config or recipe_path(args.name, args.size))
+        overrides = {k: v for k, v in (("preset", args.preset), ("workers", args.workers),
+                                       ("cpus_per_worker", args.cpus_per_worker)) if v is not None}
+        recipe = dataclasses.replace(recipe, **overrides)
+        load_preset(recipe.preset)
+    except (ConfigError, ValueError) as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    init_ray_for_training(args.address, recipe.workers, recipe.cpus_per_worker, 0.0)
+    try:
+        state = run_recipe(recipe, args.output, data=args.data)
+    except (ConfigError, CheckpointError, DataError, ValueError) as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print(f"mav: interrupted; rerun the same command to continue (state: {join(args.output, STATE_FILE)})",
+              file=sys.stderr)
+        return 130
+    print("\n".join(["[recipe] seconds per step:", *summary_lines(state)]), file=sys.stderr)
+    return 0
