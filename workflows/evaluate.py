@@ -23,7 +23,8 @@ coherence (share of frames showing the object, share agreeing with the majority 
 frame-to-frame centroid displacement: mean, variance, and mean |second difference|). The judge itself is
 scored on ground-truth videos rendered by synth.py at the same size and length (``judge`` in the report),
 with the same temporal figures as a reference. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
-``OUT/samples.png`` (frames of a few videos of each model) and ``OUT/videos/MODEL/*.mp4``. Held-out
+``OUT/samples.png`` (frames of a few videos of each model), ``OUT/samples.gif`` (the trained model's first
+videos, playing) and ``OUT/videos/MODEL/*.mp4``. Held-out
 colour×shape pairs (``CHECKPOINT/_recipe/recipe.json`` or ``--holdout``) are reported separately.
 """
 
@@ -294,7 +295,7 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
         models["image_baseline"] = stage_checkpoints(spec.checkpoint, spec.baseline)
     report: dict = {"checkpoint": spec.checkpoint, "baseline": spec.baseline,
                     "holdout": [" ".join(p) for p in sorted(held)], "models": {}}
-    samples = {}
+    samples, rates = {}, {}
     for model, checkpoints in models.items():
         start = time.perf_counter()
         videos, fps = generate(_runners(checkpoints), requests, spec.batch_size)
@@ -311,7 +312,7 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
                   "held_out": [r for r in rows if r["held_out"]]}
         report["models"][model] = {"stages": checkpoints, "seconds": round(seconds, 1),
                                    **{g: summarise(rs) for g, rs in groups.items()}, "prompts": rows}
-        samples[model] = videos
+        samples[model], rates[model] = videos, fps
         o = report["models"][model]["overall"]
         log(f"[eval] {model}: {len(rows)} videos in {seconds:.0f}s; colour {o['colour_accuracy']:.0%}, "
             f"shape {o['shape_accuracy']:.0%}, displacement {_fmt(o['displacement_mean'])} "
@@ -324,6 +325,7 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
     write_bytes_atomic(join(spec.out, "report.json"), json.dumps(report, indent=2).encode())
     write_bytes_atomic(join(spec.out, "report.png"), plot(report))
     write_bytes_atomic(join(spec.out, "samples.png"), sample_sheet(samples, requests))
+    write_bytes_atomic(join(spec.out, "samples.gif"), sample_gif(samples["video"], requests, fps=rates["video"][0]))
     return report
 
 
@@ -412,6 +414,33 @@ def sample_sheet(samples: dict[str, list[np.ndarray]], requests: list, prompts: 
         for k, t in enumerate(pick):
             img.paste(Image.fromarray(samples[model][i][:, t].transpose(1, 2, 0)), (label_w + k * (w + 2), y))
     return _png(img)
+
+
+def sample_gif(videos: list[np.ndarray], requests: list, fps: float, prompts: int = 6, scale: int = 2,
+               columns: int = 3) -> bytes:
+    """An animated GIF: the first ``prompts`` videos side by side (``scale``× nearest-neighbour), each with its
+    prompt's colour and shape written under it, playing at ``fps``."""
+    from PIL import Image, ImageDraw
+
+    videos = videos[:prompts]
+    _, f, h, w = videos[0].shape
+    label_h = 14
+    rows = -(-len(videos) // columns)
+    tile_w, tile_h = w * scale + 4, h * scale + label_h + 4
+    frames = []
+    for t in range(f):
+        img = Image.new("RGB", (min(columns, len(videos)) * tile_w, rows * tile_h), "white")
+        d = ImageDraw.Draw(img)
+        for i, (video, req) in enumerate(zip(videos, requests)):
+            x, y = (i % columns) * tile_w + 2, (i // columns) * tile_h + 2
+            frame = Image.fromarray(np.ascontiguousarray(video[:, t].transpose(1, 2, 0)))
+            img.paste(frame.resize((w * scale, h * scale), Image.NEAREST), (x, y))
+            d.rectangle([x - 1, y - 1, x + w * scale, y + h * scale], outline=(200, 200, 200))
+            d.text((x, y + h * scale + 2), " ".join(prompt_target(req.prompt)), fill="black")
+        frames.append(img.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return buf.getvalue()
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from stages.checkpoint import load_bundle_config, load_stage_config
 from stages.config import ConfigError
 from workflows import evaluate, recipe
 from workflows.synth import COLOURS, SHAPES, draw, moving_video, parse_holdout, synth
+from workflows.video import decode_mp4
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -128,6 +129,10 @@ def test_eval_reports_both_models_per_prompt_and_overall(report, bundle):
     assert judge["videos"] == 6 and judge["frame_colour_accuracy"] == 1.0 and judge["frame_shape_accuracy"] == 1.0
     for name in ("report.png", "samples.png"):
         assert Image.open(out_dir / name).format == "PNG"
+    frames, fps = decode_mp4(Path(rep["models"]["video"]["prompts"][0]["video"]).read_bytes())
+    gif = Image.open(out_dir / "samples.gif")  # the trained model's videos, playing at their own rate
+    assert gif.format == "GIF" and gif.n_frames == len(frames) and gif.info["duration"] == round(1000 / fps)
+    assert gif.size[0] == 3 * (2 * frames.shape[2] + 4)
 
 
 def test_eval_refuses_prompts_it_cannot_judge(bundle, tmp_path):
