@@ -1,7 +1,7 @@
 """The ``mav`` command.
 
-    mav generate "a red ball bouncing" --out ball.mp4
-    mav generate "a red ball" "a blue square" --out videos/ --seed 7 --preset cpu
+    mav generate "a blue square on a white background" --out sq.mp4        # the shipped demo model
+    mav generate "a red ball" "a blue square" --out videos/ --seed 7 --preset cpu   # fresh weights
     mav generate "a red ball" --out s3://bucket/videos/ball.mp4 --checkpoint s3://bucket/models/shapes
 """
 
@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 
-from workflows.presets import DEFAULT_PRESET
+from workflows.presets import DEFAULT_MODEL
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -83,11 +83,11 @@ def _outputs(out: str, prompts: list[str]) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import posixpath
 
-    from stages.checkpoint import CheckpointError, load_bundle_config
+    from stages.checkpoint import CheckpointError
     from stages.config import ConfigError
     from workflows.outputs import check_writable, is_local, write_bytes_atomic
     from workflows.pipeline import MAX_SEED, Pipeline, Request
-    from workflows.presets import load_preset
+    from workflows.presets import choose_model
 
     prompts = list(args.prompts)
     for i, p in enumerate(prompts, 1):
@@ -104,10 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--{str(e)}") from None
     try:
-        if args.checkpoint:
-            load_bundle_config(args.checkpoint)
-        else:
-            load_preset(args.preset)
+        checkpoint, preset = choose_model(args.checkpoint, args.preset)
     except CheckpointError as e:
         raise CliError(str(e)) from None
     except ConfigError as e:
@@ -123,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     progress = StageProgressPrinter()
     start = time.perf_counter()
     try:
-        pipe = Pipeline(checkpoint=args.checkpoint, preset=args.preset, progress=progress)
+        pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=progress)
     except (CheckpointError, ConfigError) as e:
         raise CliError(str(e)) from None
     print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
@@ -146,28 +143,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from stages.checkpoint import CheckpointError, load_bundle_config
+    from stages.checkpoint import CheckpointError
     from stages.config import ConfigError
     from workflows.batch import JobSpec, Progress, init_ray, run_job
     from workflows.inputs import InputError
     from workflows.outputs import check_writable
     from workflows.pools import load_pools
-    from workflows.presets import load_preset
+    from workflows.presets import choose_model
 
     try:
         pools = load_pools(args.pools)
-        if args.checkpoint:
-            load_bundle_config(args.checkpoint)
-        else:
-            load_preset(args.preset)
+        checkpoint, preset = choose_model(args.checkpoint, args.preset)
     except (ConfigError, CheckpointError) as e:
         raise CliError(str(e)) from None
     try:
         check_writable(args.output)
     except Exception as e:
         raise CliError(f"cannot write to {args.output}: {e}") from None
-    job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=args.preset,
-                  checkpoint=args.checkpoint, seed=args.seed)
+    job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=preset, checkpoint=checkpoint,
+                  seed=args.seed)
     try:
         init_ray(args.address, pools)
     except Exception as e:
@@ -207,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the video plays at fps x frame skip (default 5)")
     gen.add_argument("--steps", type=int, help="sampling steps for every diffusion stage (default: the preset's)")
     gen.add_argument("--guidance", type=float, help="decoder classifier-free guidance scale (default: the preset's)")
-    gen.add_argument("--preset", default=DEFAULT_PRESET, help="stage preset name or YAML path (default cpu)")
-    gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: fresh weights from --preset)")
+    gen.add_argument("--preset", help="fresh (untrained) weights from this stage preset name or YAML path")
+    gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the shipped demo model "
+                                          f"cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
     gen.set_defaults(func=cmd_generate)
 
@@ -217,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=".txt/.jsonl/.csv/.parquet files or globs, local or any fsspec URL (s3://...)")
     bat.add_argument("--output", required=True, metavar="URL", help="directory/prefix for videos and manifest.parquet")
     bat.add_argument("--pools", help="per-stage actor pools YAML (default cluster/pools.yaml)")
-    bat.add_argument("--preset", default=DEFAULT_PRESET, help="stage preset name or YAML path (default cpu)")
-    bat.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: fresh weights from --preset)")
+    bat.add_argument("--preset", help="fresh (untrained) weights from this stage preset name or YAML path")
+    bat.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the shipped demo model "
+                                          f"cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
     bat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
     bat.set_defaults(func=cmd_batch)

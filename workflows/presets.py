@@ -1,4 +1,5 @@
-"""Stage presets: YAML files under ``cluster/presets`` (or any path / fsspec URL to such a file)."""
+"""Stage presets: YAML files under ``cluster/presets`` (or any path / fsspec URL to such a file), and the
+demo model: the checkpoint bundle under ``cluster/models`` that runs when a command names neither."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import fsspec
 from stages.config import CascadeConfig, ConfigError, load_yaml
 
 DEFAULT_PRESET = "cpu"
+DEFAULT_MODEL = "shapes"    # cluster/models/shapes: trained by `mav recipe shapes`
 
 
 def preset_dir() -> str:
@@ -33,3 +35,22 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> CascadeConfig:
         raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(preset_names())} (or a .yaml path)")
     with open(os.path.join(preset_dir(), f"{name_or_path}.yaml")) as f:
         return load_yaml(CascadeConfig, f.read(), where="")
+
+
+def model_path(name: str = DEFAULT_MODEL) -> str:
+    """The shipped checkpoint bundle ``name`` (a directory under ``cluster/models``)."""
+    return str(resources.files("cluster") / "models" / name)
+
+
+def choose_model(checkpoint: str | None, preset: str | None) -> tuple[str | None, str]:
+    """The ``(checkpoint, preset)`` a command runs, checked: ``checkpoint`` if given; else fresh weights from
+    ``preset`` if given; else the shipped demo model. Raises CheckpointError or ConfigError."""
+    from stages.checkpoint import load_bundle_config
+
+    if not checkpoint and not preset:
+        checkpoint = model_path()
+    if checkpoint:
+        load_bundle_config(checkpoint)
+        return checkpoint, preset or DEFAULT_PRESET
+    load_preset(preset)
+    return None, preset

@@ -1,6 +1,6 @@
 """``mav serve``: the cascade as a Ray Serve application, one deployment per stage, an HTTP API and a page.
 
-    mav serve                                        # http://127.0.0.1:8000/ on a local Ray instance, CPU preset
+    mav serve                                        # http://127.0.0.1:8000/ on a local Ray instance, demo model
     mav serve --checkpoint s3://bucket/model --port 8080 --address ray://head:10001
     MAV_API_KEY=... mav serve --host 0.0.0.0         # /v1/* then needs "Authorization: Bearer <key>"
     serve run cluster/serve.yaml                     # the same application with Ray's own CLI
@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException
 
 from stages.config import STAGE_NAMES, ConfigError, from_dict
 from workflows.pipeline import DEFAULT_FPS, MAX_SEED, Request, to_batch
-from workflows.presets import DEFAULT_PRESET
+from workflows.presets import DEFAULT_MODEL, choose_model
 from workflows.runners import RUNNERS
 
 APP_NAME = "mav"
@@ -68,8 +68,8 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True, kw_only=True)
 class AppArgs:
-    preset: str = DEFAULT_PRESET        # stage preset name or YAML path/URL (used when no checkpoint)
-    checkpoint: str | None = None       # checkpoint bundle directory/URL
+    preset: str | None = None           # fresh weights from this stage preset name or YAML path/URL
+    checkpoint: str | None = None       # checkpoint bundle directory/URL; neither: the shipped demo model
     output: str | None = None           # fsspec URL under which finished job videos are written; None: kept in memory
     max_active_jobs: int = 64           # queued + running jobs; POST /v1/jobs answers 503 beyond
     keep_finished_jobs: int = 256       # finished jobs remembered (oldest forgotten first)
@@ -666,7 +666,8 @@ def build_application(args: AppArgs, overrides: dict[str, dict] | None = None) -
     def options(name: str) -> dict:
         return {"name": name, **{k: v for k, v in overrides.get(name, {}).items() if k != "name"}}
 
-    stages = {name: Stage.options(**options(name)).bind(name, args.checkpoint, args.preset) for name in STAGE_NAMES}
+    checkpoint, preset = choose_model(args.checkpoint, args.preset)
+    stages = {name: Stage.options(**options(name)).bind(name, checkpoint, preset) for name in STAGE_NAMES}
     store = JobStore.options(**options("jobs")).bind(args.max_active_jobs, args.keep_finished_jobs)
     return Api.options(**options("api")).bind(stages, store, args)
 
@@ -775,10 +776,9 @@ def run_local(args: AppArgs, overrides: dict[str, dict] | None = None, *, host: 
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from stages.checkpoint import CheckpointError, load_bundle_config
+    from stages.checkpoint import CheckpointError
     from workflows.cli import CliError
     from workflows.outputs import check_writable
-    from workflows.presets import load_preset
 
     try:
         config = load_serve_config(args.config)
@@ -788,10 +788,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.preset:
             app_args["preset"] = args.preset
         spec = parse_app_args(app_args)
-        if spec.checkpoint:
-            load_bundle_config(spec.checkpoint)
-        else:
-            load_preset(spec.preset)
+        checkpoint, preset = choose_model(spec.checkpoint, spec.preset)
     except (ConfigError, CheckpointError) as e:
         raise CliError(str(e)) from None
     if spec.output:
@@ -833,7 +830,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        print(f"deploying {config.name} ({spec.checkpoint or 'preset ' + spec.preset}); loading the stages...",
+        print(f"deploying {config.name} ({checkpoint or 'fresh weights of preset ' + preset}); loading the stages...",
               file=sys.stderr)
         url = run_local(spec, overrides, host=host, port=port, name=config.name,
                         route_prefix=config.route_prefix,
@@ -862,8 +859,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="Serve config YAML (default: the packaged cluster/serve.yaml)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's http_options.host)")
     p.add_argument("--port", type=int, help="port (default 8000, or the config's http_options.port)")
-    p.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the config's, else fresh weights)")
-    p.add_argument("--preset", help="stage preset name or YAML path (default: the config's, else cpu)")
+    p.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the config's, else the shipped "
+                                        f"demo model cluster/models/{DEFAULT_MODEL} unless a preset is given)")
+    p.add_argument("--preset", help="fresh (untrained) weights from this stage preset name or YAML path "
+                                    "(default: the config's)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_serve)
     return p

@@ -1,0 +1,50 @@
+"""The demo model shipped in cluster/models/shapes (trained by `mav recipe shapes`): what the commands run
+when given neither --checkpoint nor --preset, and what it makes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.checkpoint import CheckpointError, load_bundle_config
+from stages.config import ConfigError
+from workflows import evaluate
+from workflows.cli import main
+from workflows.presets import DEFAULT_MODEL, choose_model, model_path
+from workflows.serve import AppArgs
+from workflows.video import decode_mp4
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_commands_default_to_the_shipped_model_and_a_preset_means_fresh_weights(tmp_path):
+    assert choose_model(None, None)[0] == model_path() == str(Path(__file__).parents[2] / "cluster/models/shapes")
+    assert choose_model(None, "cpu") == (None, "cpu")
+    assert choose_model(model_path(), "paper") == (model_path(), "paper")  # a checkpoint wins over a preset
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        choose_model(None, "nope")
+    with pytest.raises(CheckpointError, match="no clip/"):
+        choose_model(str(tmp_path), None)
+    assert AppArgs().checkpoint is None and AppArgs().preset is None  # Serve: the same rule, applied in build_app
+
+
+def test_shipped_bundle_is_small_chained_safetensors():
+    root = Path(model_path(DEFAULT_MODEL))
+    cfg = load_bundle_config(str(root))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    assert weights <= 25 * 2**20, weights
+    assert {p.suffix for p in files} <= {".safetensors", ".json", ".yaml"}  # nothing that would be unpickled
+    assert (cfg.decoder.frames, cfg.interpolation.skip, cfg.sr_high.out_size) == (16, 5, 64)
+
+
+def test_mav_generate_without_a_model_argument_draws_the_prompted_shape(tmp_path):
+    out = tmp_path / "sq.mp4"
+    assert main(["generate", "a blue square on a white background", "--out", str(out), "--seed", "0"]) == 0
+    frames, fps = decode_mp4(out.read_bytes())
+    assert frames.shape == (76, 64, 64, 3) and fps == 25.0
+    judged = evaluate.judge_frames(frames.transpose(3, 0, 1, 2))
+    m = evaluate.video_metrics(judged, "blue", "square")
+    assert m["present"] == 1.0 and m["colour_ok"] and m["shape_ok"], m
+    assert m["colour_frames_ok"] >= 0.9 and m["shape_frames_ok"] >= 0.5, m
+    assert np.linalg.norm(judged["centroid"][-1] - judged["centroid"][0]) > 0.05, m  # not a still image
