@@ -427,7 +427,7 @@ def sample_gif(videos: list[np.ndarray], requests: list, fps: float, prompts: in
     label_h = 14
     rows = -(-len(videos) // columns)
     tile_w, tile_h = w * scale + 4, h * scale + label_h + 4
-    frames = []
+    canvases = []
     for t in range(f):
         img = Image.new("RGB", (min(columns, len(videos)) * tile_w, rows * tile_h), "white")
         d = ImageDraw.Draw(img)
@@ -437,7 +437,13 @@ def sample_gif(videos: list[np.ndarray], requests: list, fps: float, prompts: in
             img.paste(frame.resize((w * scale, h * scale), Image.NEAREST), (x, y))
             d.rectangle([x - 1, y - 1, x + w * scale, y + h * scale], outline=(200, 200, 200))
             d.text((x, y + h * scale + 2), " ".join(prompt_target(req.prompt)), fill="black")
-        frames.append(img.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+        canvases.append(img)
+    # One palette for every frame (the middle frame's 15 main colours, plus black for the labels) keeps the
+    # file small: the frames' sampling noise would otherwise fill per-frame palettes.
+    middle = canvases[f // 2].quantize(colors=15, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(middle.getpalette()[: 15 * 3] + [0, 0, 0])
+    frames = [img.quantize(palette=palette, dither=Image.Dither.NONE) for img in canvases]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return buf.getvalue()
