@@ -23,18 +23,16 @@ pytestmark = pytest.mark.timeout(600)
 HELD = ("red triangle", "blue circle", "yellow square")
 
 
-def smoke_recipe(preset: str) -> recipe.RecipeConfig:
-    """The shipped smoke recipe on the tiny preset, with less data (one step per stage)."""
-    r = recipe.load_recipe(recipe.recipe_path("shapes", "smoke"))
-    stages = {s: dataclasses.replace(c, max_steps=1, checkpoint_every=1) for s, c in r.stages.items()}
-    return dataclasses.replace(r, preset=preset, stages=stages, cpus_per_worker=1.0,
-                               data=recipe.DataSpec(images=24, videos=4, size=32, frames=24))
+def smoke_recipe() -> recipe.RecipeConfig:
+    """The shipped smoke recipe (cluster/recipes/shapes-smoke.yaml: the shapes preset, every step of the full
+    recipe on a handful of items and steps)."""
+    return recipe.load_recipe(recipe.recipe_path("shapes", "smoke"))
 
 
 @pytest.fixture(scope="module")
-def bundle(ray_session, tiny_preset_file, tmp_path_factory):
+def bundle(ray_session, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("recipe") / "shapes")
-    state = recipe.run_recipe(smoke_recipe(tiny_preset_file), out, log=lambda text: None)
+    state = recipe.run_recipe(smoke_recipe(), out, log=lambda text: None)
     return out, state
 
 
@@ -84,13 +82,13 @@ def test_captions_leave_the_held_out_combinations_out(bundle):
     assert captions
 
 
-def test_rerun_skips_finished_steps_and_other_settings_are_refused(bundle, tiny_preset_file):
+def test_rerun_skips_finished_steps_and_other_settings_are_refused(bundle):
     out, state = bundle
     lines = []
-    again = recipe.run_recipe(smoke_recipe(tiny_preset_file), out, log=lines.append)
+    again = recipe.run_recipe(smoke_recipe(), out, log=lines.append)
     assert again["steps"] == state["steps"]
     assert sum("skipped" in line for line in lines) == len(recipe.RECIPE_ORDER)
-    other = dataclasses.replace(smoke_recipe(tiny_preset_file), holdout=("green square",))
+    other = dataclasses.replace(smoke_recipe(), holdout=("green square",))
     with pytest.raises(ConfigError, match="other settings"):
         recipe.run_recipe(other, out)
 
