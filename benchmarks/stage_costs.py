@@ -1,7 +1,7 @@
 """Cost of each cascade stage (parameters, FLOPs, seconds) and of pseudo-3D against full 3D layers.
 
-    .venv/bin/python benchmarks/stages.py --out benchmarks/results-stages.json
-    .venv/bin/python benchmarks/stages.py --sections paper --paper-frames 4   # any of: cpu paper factorisation
+    .venv/bin/python benchmarks/stage_costs.py --out benchmarks/results-stages.json
+    .venv/bin/python benchmarks/stage_costs.py --sections paper --paper-frames 4   # any of: cpu paper factorisation
 
 Sections (figures go into BENCHMARKS.md, "Stages"):
 
@@ -52,8 +52,6 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# This file is named stages.py: keep its own directory off sys.path so that `import stages` finds the package.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
