@@ -212,27 +212,6 @@ def stage_checkpoints(checkpoint: str, override: str | None) -> dict[str, str]:
     return out
 
 
-def _runners(checkpoints: dict[str, str], progress=None) -> list:
-    from workflows.runners import RUNNERS
-
-    return [cls(checkpoint=checkpoints[cls.stage], progress=progress) for cls in RUNNERS]
-
-
-def generate(runners: list, requests: list, batch_size: int) -> tuple[list[np.ndarray], list[float]]:
-    """(uint8 ``3 f h w`` videos, their fps) of ``requests`` through the chained runners (as
-    workflows.pipeline does)."""
-    from workflows.pipeline import to_batch
-
-    videos, fps = [], []
-    for i in range(0, len(requests), batch_size):
-        batch = to_batch(requests[i : i + batch_size])
-        for runner in runners:
-            batch = runner(batch)
-        videos += list(batch["video"])
-        fps += [float(x) for x in batch["video_fps"]]
-    return videos, fps
-
-
 @dataclass(frozen=True, kw_only=True)
 class EvalSpec:
     checkpoint: str
@@ -285,6 +264,7 @@ def read_requests(spec: EvalSpec) -> list:
 def evaluate(spec: EvalSpec, log=None) -> dict:
     """Generate, judge and report (see the module docstring); returns the report."""
     from workflows.outputs import safe_name
+    from workflows.pipeline import Pipeline
     from workflows.video import encode_mp4
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -298,7 +278,10 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
     samples, rates = {}, {}
     for model, checkpoints in models.items():
         start = time.perf_counter()
-        videos, fps = generate(_runners(checkpoints), requests, spec.batch_size)
+        pipe = Pipeline(checkpoint=checkpoints)
+        made = [v for i in range(0, len(requests), spec.batch_size)
+                for v in pipe.generate(requests[i : i + spec.batch_size])]
+        videos, fps = [v.frames for v in made], [v.fps for v in made]
         seconds = time.perf_counter() - start
         rows = []
         for i, (req, video, rate) in enumerate(zip(requests, videos, fps)):

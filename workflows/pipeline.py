@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from stages.config import STAGE_NAMES
 from workflows.presets import DEFAULT_PRESET
 from workflows.runners import RUNNERS, StageProgress, StageRunner
 
@@ -82,13 +84,16 @@ class Pipeline:
     def __init__(
         self,
         *,
-        checkpoint: str | None = None,
+        checkpoint: str | Mapping[str, str] | None = None,
         preset: str = DEFAULT_PRESET,
         device: str | torch.device | None = None,
         progress: StageProgress | None = None,
     ) -> None:
+        """``checkpoint``: one bundle for every stage, or a bundle per stage name (e.g. an image-only
+        baseline's decoder with the other stages of a trained bundle)."""
+        per_stage = checkpoint if isinstance(checkpoint, Mapping) else dict.fromkeys(STAGE_NAMES, checkpoint)
         self.runners: list[StageRunner] = [
-            cls(checkpoint=checkpoint, preset=preset, device=device, progress=progress) for cls in RUNNERS
+            cls(checkpoint=per_stage[cls.stage], preset=preset, device=device, progress=progress) for cls in RUNNERS
         ]
 
     def run(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
