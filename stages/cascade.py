@@ -16,7 +16,7 @@ from torch import nn
 
 from stages.clip import ClipModel
 from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHighConfig, SRLowConfig
-from stages.diffusion import Progress, add_noise, randn, sample, stage_generators
+from stages.diffusion import Progress, add_noise, frame_noise, randn, sample, stage_generators
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
 
@@ -104,7 +104,7 @@ def decode(
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     shape = (3, cfg.frames, cfg.size, cfg.size)
-    noise = randn(shape, stage_generators(seeds, "decoder"), dev, dt)
+    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.frame_noise_shared)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
     return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
@@ -140,7 +140,8 @@ def infill(
         "image_embeds": image_embeds.to(dev, dt),
         "fps": fps.to(dev, torch.float32),
     }
-    noise = randn(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt)
+    noise = frame_noise(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt,
+                        cfg.diffusion.frame_noise_shared)
     out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
     keep = known[:, None, :, None, None]
     return torch.where(keep, frames, out)
@@ -202,7 +203,7 @@ def super_resolve_video(
     aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
     level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
     cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
-    noise = randn(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt)
+    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.frame_noise_shared)
     return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
 
 

@@ -35,6 +35,7 @@ class DiffusionConfig:
     guidance: float = 1.0               # classifier-free guidance scale w; 1 disables the unconditional pass
     clip_sample: bool = True            # clamp predicted x_0 to [-1, 1] (pixel stages)
     cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
+    frame_noise_shared: float = 0.0     # video stages: share ρ of the noise variance common to all frames
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -47,6 +48,8 @@ class DiffusionConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if not 0.0 <= self.frame_noise_shared < 1.0:
+            raise ConfigError(f"frame_noise_shared must be in [0, 1), got {self.frame_noise_shared}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +114,10 @@ class PriorConfig:
     diffusion: DiffusionConfig = field(
         default_factory=lambda: DiffusionConfig(prediction_type="sample", clip_sample=False, guidance=4.0, steps=10)
     )
+
+    def __post_init__(self) -> None:
+        if self.diffusion.frame_noise_shared:
+            raise ConfigError("prior: diffusion.frame_noise_shared applies to video stages only; set it to 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +201,9 @@ class SRHighConfig(SuperResConfig):
         super().__post_init__()
         if self.unet.temporal:
             raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
+        if self.diffusion.frame_noise_shared:
+            raise ConfigError("sr_high: every frame already starts from the same noise; "
+                              "set diffusion.frame_noise_shared to 0")
         _check_positive("frame_batch", self.frame_batch)
 
 

@@ -77,6 +77,24 @@ def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, d
     ).to(device=device, dtype=dtype)
 
 
+def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32,
+                shared: float = 0.0) -> torch.Tensor:
+    """``len(generators) x shape`` noise for videos ``c f h w``: the mixed noise of PYoCo (Ge et al., 2023),
+    ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind, still N(0, I) per frame but correlated ρ between frames, so that
+    the frames of one sample start from a common layout. ρ = 0 is :func:`randn` exactly."""
+    ind = randn(shape, generators, device, dtype)
+    if not shared:
+        return ind
+    c, _, h, w = shape
+    common = randn((c, 1, h, w), generators, device, dtype)
+    return mix_frame_noise(ind, common, shared)
+
+
+def mix_frame_noise(ind: torch.Tensor, common: torch.Tensor, shared: float) -> torch.Tensor:
+    """√ρ ``common`` (``b c 1 h w``) + √(1 − ρ) ``ind`` (``b c f h w``)."""
+    return shared**0.5 * common + (1 - shared) ** 0.5 * ind
+
+
 def _cat_cond(cond: dict, uncond: dict) -> dict:
     out = {}
     for k, v in cond.items():
@@ -149,13 +167,18 @@ def training_loss(
 ) -> torch.Tensor:
     """Simple diffusion loss E_{t, ε} ‖target − model(x_t, t, c)‖² (Ho et al., 2020, eq. 14).
 
-    The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``.
+    The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``; a video's
+    ε mixes a noise common to its frames by ``cfg.frame_noise_shared`` (see :func:`frame_noise`).
     Condition dropout for guidance is the caller's (it knows what "no condition" means for its stage).
     """
     scheduler = scheduler or training_scheduler(cfg)
     b = x0.shape[0]
     t = torch.randint(0, cfg.train_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+    if cfg.frame_noise_shared and x0.ndim == 5 and x0.shape[2] > 1:
+        b, c, _, h, w = x0.shape
+        common = torch.randn((b, c, 1, h, w), generator=generator, device="cpu").to(x0.device, x0.dtype)
+        noise = mix_frame_noise(noise, common, cfg.frame_noise_shared)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = model(x_t, t, **(cond or {}))
     if cfg.prediction_type == "epsilon":

@@ -77,8 +77,11 @@ def initial_network(job: TrainJob):
     preset = load_preset(job.preset)
     if init_stage is None:
         cfg = getattr(preset, produced)
-        if job.stage in ("decoder", "sr-low"):  # image training: the 2D network; inflation comes later
-            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False))
+        if job.stage in ("decoder", "sr-low"):
+            # Image training: the 2D network, making independent frames; inflation and the frames' shared
+            # noise come with video fine-tuning.
+            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False),
+                          diffusion=replace(cfg.diffusion, frame_noise_shared=0.0))
         return cfg, cascade.build_stage(produced, cfg)
     if not job.init:
         raise ConfigError(f"{job.stage} starts from a trained {init_stage} stage: pass --init BUNDLE")
@@ -93,7 +96,8 @@ def initial_network(job: TrainJob):
         cfg = replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
                       unet=net.cfg)
         return cfg, net
-    return replace(init_cfg, unet=net.cfg), net
+    shared = target.diffusion.frame_noise_shared
+    return replace(init_cfg, unet=net.cfg, diffusion=replace(init_cfg.diffusion, frame_noise_shared=shared)), net
 
 
 def _load_state(directory: str, net, ema, opt) -> int:

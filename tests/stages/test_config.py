@@ -74,3 +74,14 @@ def test_stages_never_import_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_frame_noise_share_is_checked_and_only_for_stages_with_frames():
+    from stages.config import PriorConfig, SRHighConfig
+
+    with pytest.raises(ConfigError, match="frame_noise_shared must be in"):
+        DiffusionConfig(frame_noise_shared=1.0)
+    with pytest.raises(ConfigError, match="prior: diffusion.frame_noise_shared"):
+        PriorConfig(diffusion=DiffusionConfig(frame_noise_shared=0.5))
+    with pytest.raises(ConfigError, match="sr_high: every frame already starts from the same noise"):
+        SRHighConfig(diffusion=DiffusionConfig(frame_noise_shared=0.5))

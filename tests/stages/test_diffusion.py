@@ -69,3 +69,45 @@ def test_stage_generators_depend_on_seed_and_stage_only():
     g = torch.random.get_rng_state()
     randn((4,), stage_generators([1], "decoder"), "cpu")
     assert torch.equal(g, torch.random.get_rng_state())  # the global RNG is untouched
+
+
+def _frame_correlation(noise: torch.Tensor) -> float:
+    """Mean correlation between the frames of ``b c f h w`` noise, over pairs of distinct frames."""
+    x = noise.transpose(1, 2).flatten(2)  # b f n
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+    corr = torch.einsum("bfn,bgn->bfg", x, x) / x.shape[-1]
+    f = corr.shape[-1]
+    return float((corr.sum((1, 2)) - corr.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (f * (f - 1)))
+
+
+def test_frame_noise_mixes_a_noise_common_to_the_frames():
+    from stages.diffusion import frame_noise
+
+    shape = (3, 4, 32, 32)
+    independent = frame_noise(shape, stage_generators([5, 6], "decoder"), "cpu")
+    assert torch.equal(independent, randn(shape, stage_generators([5, 6], "decoder"), "cpu"))  # ρ = 0: unchanged
+    mixed = frame_noise(shape, stage_generators([5, 6], "decoder"), "cpu", shared=0.5)
+    assert abs(_frame_correlation(independent)) < 0.05
+    assert abs(_frame_correlation(mixed) - 0.5) < 0.05
+    assert abs(float(mixed.std()) - 1.0) < 0.03  # still unit variance per frame
+    again = frame_noise(shape, stage_generators([6], "decoder"), "cpu", shared=0.5)
+    assert torch.equal(mixed[1], again[0])  # a sample's noise depends on its own seed only
+
+
+def test_training_noise_of_a_video_shares_the_configured_part():
+    seen = []
+
+    def record(x_t, t):
+        seen.append(x_t)
+        return torch.zeros_like(x_t)
+
+    x0 = torch.zeros(2, 3, 4, 32, 32)
+    for shared in (0.0, 0.6):
+        cfg = DiffusionConfig(frame_noise_shared=shared)
+        training_loss(record, x0, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    assert abs(_frame_correlation(seen[0])) < 0.05
+    assert abs(_frame_correlation(seen[1]) - 0.6) < 0.05
+    image = torch.zeros(2, 3, 1, 8, 8)  # an image has no frames to share noise across: plain ε
+    a = training_loss(record, image, cfg=DiffusionConfig(frame_noise_shared=0.6), generator=torch.Generator().manual_seed(1))
+    b = training_loss(record, image, cfg=DiffusionConfig(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(seen[-1], seen[-2]) and a == b
