@@ -20,7 +20,9 @@ classifier:
 
 Per video: text fidelity (the majority colour / shape over the frames equals the prompt's), temporal
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, and the
-frame-to-frame centroid displacement: mean, variance, and mean |second difference|). The judge itself is
+frame-to-frame centroid displacement: mean, variance, and mean |second difference|; ``travel``, the distance
+from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
+path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The judge itself is
 scored on ground-truth videos rendered by synth.py at the same size and length (``judge`` in the report),
 with the same temporal figures as a reference. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
 ``OUT/samples.png`` (frames of a few videos of each model), ``OUT/samples.gif`` (the trained model's first
@@ -122,6 +124,8 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
     disp = np.linalg.norm(c[1:] - c[:-1], axis=1)[both]
     three = present[2:] & present[1:-1] & present[:-2]
     accel = np.linalg.norm(c[2:] - 2 * c[1:-1] + c[:-2], axis=1)[three]
+    shown = np.flatnonzero(present)
+    travel = float(np.linalg.norm(c[shown[-1]] - c[shown[0]])) if len(shown) > 1 else None
     return {
         "colour": list(COLOURS)[c_major] if c_major >= 0 else None,
         "shape": SHAPES[s_major] if s_major >= 0 else None,
@@ -135,12 +139,15 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
         "displacement_mean": float(disp.mean()) if len(disp) else None,
         "displacement_var": float(disp.var()) if len(disp) else None,
         "acceleration_mean": float(accel.mean()) if len(accel) else None,
+        "travel": travel,
+        "straightness": travel / float(disp.sum()) if travel is not None and disp.sum() > 0 else None,
         "fill_median": float(np.median(judged["fill"][present])) if present.any() else None,
     }
 
 
 SUMMARY_KEYS = ("colour_ok", "shape_ok", "colour_frames_ok", "shape_frames_ok", "present", "colour_identity",
-                "shape_identity", "displacement_mean", "displacement_var", "acceleration_mean")
+                "shape_identity", "displacement_mean", "displacement_var", "acceleration_mean", "travel",
+                "straightness")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -180,7 +187,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0) -> dict:
                        "offset_triangle": OFFSET_TRIANGLE,
                        "min_area": MIN_AREA, "open_min_size": OPEN_MIN_SIZE},
         "reference": {k: ref[k] for k in ("present", "colour_identity", "shape_identity", "displacement_mean",
-                                          "displacement_var", "acceleration_mean")},
+                                          "displacement_var", "acceleration_mean", "travel", "straightness")},
     }
 
 

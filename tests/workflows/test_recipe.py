@@ -176,6 +176,17 @@ def test_independent_frames_score_worse_coherence_than_motion():
     assert jumping["acceleration_mean"] > 3 * moving["acceleration_mean"]
 
 
+def test_straightness_tells_motion_from_jitter_in_place():
+    from workflows.synth import draw
+
+    line = np.stack([draw("circle", "red", 16 + 2 * t, 32, 8, 64) for t in range(12)]).transpose(3, 0, 1, 2)
+    straight = evaluate.video_metrics(evaluate.judge_frames(line), "red", "circle")
+    assert straight["straightness"] > 0.95 and abs(straight["travel"] - 22 / 64) < 0.02
+    jitter = np.stack([draw("circle", "red", 32 + 2 * (-1) ** t, 32, 8, 64) for t in range(12)]).transpose(3, 0, 1, 2)
+    shaking = evaluate.video_metrics(evaluate.judge_frames(jitter), "red", "circle")
+    assert shaking["straightness"] < 0.1 and shaking["displacement_mean"] > 0.05
+
+
 def test_synth_holdout_is_checked_and_leaves_pairs_out(tmp_path):
     with pytest.raises(ValueError, match="pink"):
         parse_holdout(["pink circle"])
