@@ -190,7 +190,9 @@ def test_interrupt_then_resume_produces_every_video_exactly_once(tmp_path, tiny_
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "workflows.cli", "batch", "--prompts", str(src), "--output", str(out),
            "--preset", tiny_preset_file, "--pools", str(tmp_path / "pools.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as from a terminal: a test run started in the background ignores SIGINT, and so would its children.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and not (out.exists() and len(list(out.glob("*.mp4"))) >= 2):
         time.sleep(0.2)

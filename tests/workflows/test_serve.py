@@ -416,7 +416,8 @@ def test_mav_serve_runs_until_interrupted(tiny_preset_file):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--preset", tiny_preset_file,
                              "--port", str(port)], cwd=ROOT, env={**env, "MAV_API_KEY": "cli-key"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as from a terminal
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving on http://127.0.0.1:{port}/"), line + proc.stderr.read()
