@@ -17,6 +17,7 @@ batch that raises is retried row by row inside the actor, so one bad row fails a
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -63,10 +64,16 @@ def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 class PoolActor:
-    """One actor of a stage pool: builds its batch function once, then maps batches."""
+    """One actor of a stage pool: builds its batch function once, then maps batches.
+
+    It takes up to ``queue_depth`` calls at once (a threaded actor) but runs the batch function for one at a
+    time: a queued call fetches its input batches while the previous one computes, so the stage's device
+    never waits for Ray's per-call work.
+    """
 
     def __init__(self, name: str, factory: Callable[[], BatchFn], threads: int) -> None:
         self.name = name
+        self._compute = threading.Lock()
         try:
             import torch
 
@@ -82,27 +89,30 @@ class PoolActor:
         batches = ray.get([ref for ref, _ in parts])
         batch = concat_batches([take_rows(b, idx) for b, (_, idx) in zip(batches, parts)])
         keys = [int(k) for k in batch[ROW_KEY]]
-        start = time.perf_counter()
-        failed: dict[int, str] = {}
-        try:
-            out = self.fn(batch)
-        except Exception as e:  # retry row by row so that one bad row fails alone
-            if len(keys) == 1:
-                out, failed = None, {keys[0]: _describe(e)}
-            else:
-                outs = []
-                for i, key in enumerate(keys):
-                    try:
-                        outs.append(self.fn(take_rows(batch, np.array([i]))))
-                    except Exception as row_error:
-                        failed[key] = _describe(row_error)
-                out = concat_batches(outs) if outs else None
-        seconds = time.perf_counter() - start
+        with self._compute:
+            start = time.perf_counter()
+            out, failed = self._apply(batch, keys)
+            seconds = time.perf_counter() - start
         ok = [int(k) for k in out[ROW_KEY]] if out is not None else []
         if out is not None:  # each row carries its share of every stage's time to the end of the pipeline
             out[f"{SECONDS_PREFIX}{self.name}"] = np.full(len(ok), seconds / max(1, len(keys)))
         meta = {"ok": ok, "failed": failed, "seconds": seconds, "rows": len(keys), "pid": os.getpid()}
         return out, meta
+
+    def _apply(self, batch: dict[str, np.ndarray], keys: list[int]) -> tuple[dict | None, dict[int, str]]:
+        """The batch function on ``batch``; if it raises, again row by row, so that one bad row fails alone."""
+        try:
+            return self.fn(batch), {}
+        except Exception as e:
+            if len(keys) == 1:
+                return None, {keys[0]: _describe(e)}
+        outs, failed = [], {}
+        for i, key in enumerate(keys):
+            try:
+                outs.append(self.fn(take_rows(batch, np.array([i]))))
+            except Exception as row_error:
+                failed[key] = _describe(row_error)
+        return (concat_batches(outs) if outs else None), failed
 
 
 def _describe(e: BaseException) -> str:
@@ -197,7 +207,7 @@ class StreamingExecutor:
             "num_gpus": pool.gpus,
             "max_restarts": -1,
             "max_task_retries": self.max_task_retries,
-            "max_concurrency": 1,
+            "max_concurrency": p.queue_depth,  # queued calls fetch their inputs while one computes
         }
         if p.resources:
             opts["resources"] = dict(p.resources)
