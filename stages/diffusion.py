@@ -176,8 +176,7 @@ def training_loss(
     t = torch.randint(0, cfg.train_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
     if cfg.frame_noise_shared and x0.ndim == 5 and x0.shape[2] > 1:
-        b, c, _, h, w = x0.shape
-        common = torch.randn((b, c, 1, h, w), generator=generator, device="cpu").to(x0.device, x0.dtype)
+        common = torch.randn((*x0.shape[:2], 1, *x0.shape[3:]), generator=generator, device="cpu").to(x0.device, x0.dtype)
         noise = mix_frame_noise(noise, common, cfg.frame_noise_shared)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = model(x_t, t, **(cond or {}))
