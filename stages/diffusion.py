@@ -164,11 +164,15 @@ def training_loss(
     cond: dict | None = None,
     generator: torch.Generator | None = None,
     scheduler=None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Simple diffusion loss E_{t, ε} ‖target − model(x_t, t, c)‖² (Ho et al., 2020, eq. 14).
 
     The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``; a video's
     ε mixes a noise common to its frames by ``cfg.frame_noise_shared`` (see :func:`frame_noise`).
+    ``snr_gamma`` > 0 weights each sample's loss by Min-SNR-γ (Hang et al., 2023): its x_0 error counts
+    min(SNR_t, γ), so the nearly clean steps no longer dominate and the noisy steps, where the layout
+    (and a video's motion) is decided, learn faster.
     Condition dropout for guidance is the caller's (it knows what "no condition" means for its stage).
     """
     scheduler = scheduler or training_scheduler(cfg)
@@ -186,4 +190,20 @@ def training_loss(
         target = x0
     else:
         target = scheduler.get_velocity(x0, noise, t)
-    return F.mse_loss(pred.float(), target.float())
+    if not snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weight(scheduler, t, cfg.prediction_type, snr_gamma)).mean()
+
+
+def min_snr_weight(scheduler, t: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weight giving x_0 errors the weight min(SNR_t, γ) whatever the target:
+    the ε loss already weights them by SNR, the v loss by SNR + 1, the x_0 loss by 1."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "sample":
+        return clipped
+    return clipped / (snr + 1)

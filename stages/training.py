@@ -60,6 +60,8 @@ class TrainConfig:
     bf16: bool = False              # bfloat16 autocast (GPUs)
     gradient_checkpointing: bool = False
     temporal_only: bool = False     # video stages: train only the layers inflation added
+    temporal_lr_scale: float = 1.0  # video stages: learning-rate multiplier of the layers inflation added
+    min_snr_gamma: float = 0.0      # Min-SNR-γ loss weighting (Hang et al., 2023); 0 weights every t alike
     frames: int = 16                # frames per training clip
     fps_min: int = 1
     fps_max: int = 30
@@ -78,6 +80,10 @@ class TrainConfig:
             raise ConfigError(f"need 1 <= fps_min <= fps_max <= 30, got {self.fps_min}, {self.fps_max}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.temporal_lr_scale <= 0:
+            raise ConfigError(f"temporal_lr_scale must be > 0, got {self.temporal_lr_scale}")
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
         if not self.interp_skips or min(self.interp_skips) < 2:
             raise ConfigError("interp_skips must be a non-empty list of skips >= 2")
 
@@ -136,7 +142,7 @@ def clip_loss(clip_net: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -
 
 
 def prior_loss(prior: nn.Module, clip: nn.Module, images: torch.Tensor, captions: list[str],
-               cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+               cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
     """Diffusion loss of P on y_e = CLIP_image(image) given (x_e, x̂) of its caption; captions are
     replaced by the empty prompt with probability ``cfg.cond_drop_prob``."""
     module = prior.module if hasattr(prior, "module") else prior
@@ -146,7 +152,7 @@ def prior_loss(prior: nn.Module, clip: nn.Module, images: torch.Tensor, captions
         target = module.scale(clip.encode_image(images))
         text = cascade.encode_text(clip, captions)
     cond = {k: text[k].to(images.device) for k in ("text_embeds", "text_hidden", "text_mask")}
-    return training_loss(prior, target, cfg=cfg, cond=cond, generator=generator)
+    return training_loss(prior, target, cfg=cfg, cond=cond, generator=generator, snr_gamma=snr_gamma)
 
 
 def image_embeds(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
@@ -156,24 +162,26 @@ def image_embeds(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
-                 cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+                 cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
     """D on images (f = 1, fps 0) or D^t on clips ``b 3 f h w``, conditioned on y_e of the middle frame
     (zeroed with probability ``cfg.cond_drop_prob``)."""
     y = image_embeds(clip, video[:, :, video.shape[2] // 2])
     y = torch.where(_drop(len(y), cfg.cond_drop_prob, generator, y.device)[:, None], torch.zeros_like(y), y)
-    return training_loss(decoder, video, cfg=cfg, cond={"image_embeds": y, "fps": fps}, generator=generator)
+    return training_loss(decoder, video, cfg=cfg, cond={"image_embeds": y, "fps": fps}, generator=generator,
+                         snr_gamma=snr_gamma)
 
 
 def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
-                       known: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+                       known: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator,
+                       snr_gamma: float = 0.0) -> torch.Tensor:
     """↑F: generate ``video`` (``b 3 f h w``) given its ``known`` (``b f``) frames and the mask channel."""
     y = image_embeds(clip, video[:, :, video.shape[2] // 2])
     cond = {"cond_frames": cascade.infill_inputs(video, known), "image_embeds": y, "fps": fps}
-    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator)
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator, snr_gamma=snr_gamma)
 
 
 def sr_loss(net: nn.Module, in_size: int, video: torch.Tensor, noise_aug_max: int, cfg: DiffusionConfig,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
     """SR on ``b 3 f H W`` targets: the condition is the target downsampled to ``in_size``, upsampled
     back and noised to a random level t_aug ≤ ``noise_aug_max`` (given to the network)."""
     b, _, f, H, _ = video.shape
@@ -183,7 +191,7 @@ def sr_loss(net: nn.Module, in_size: int, video: torch.Tensor, noise_aug_max: in
     t_aug = torch.randint(0, noise_aug_max + 1, (b,), generator=generator).to(video.device)
     noise = torch.randn(low.shape, generator=generator).to(video.device, video.dtype)
     cond = {"cond_frames": training_scheduler(cfg).add_noise(low, noise, t_aug), "noise_level": t_aug.float()}
-    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator)
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator, snr_gamma=snr_gamma)
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:

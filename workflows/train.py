@@ -38,6 +38,7 @@ import torch
 from stages import cascade, training
 from stages.checkpoint import CheckpointError, join, load_stage, save_stage, write_bytes_atomic
 from stages.config import ConfigError, load_yaml
+from stages.temporal import temporal_parameter_names
 from stages.training import STAGE_OF, TRAIN_STAGES, VIDEO_STAGES, TrainConfig
 from workflows.presets import DEFAULT_PRESET, load_preset
 
@@ -181,14 +182,16 @@ def train_loop(loop_config: dict) -> None:
             net = net.to(device).train()
             ema = training.EMA(net, cfg_t.ema_decay)
             params = _trainable(net, job)
-            opt = torch.optim.AdamW(params, lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+            opt = torch.optim.AdamW(_param_groups(net, job), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+            lr_scales = [g["lr_scale"] for g in opt.param_groups]
             step = _load_state(d, net, ema, opt)
     else:
         stage_cfg, net = initial_network(job)
         net = net.to(device).train()
         ema = training.EMA(net, cfg_t.ema_decay)
         params = _trainable(net, job)
-        opt = torch.optim.AdamW(params, lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+        opt = torch.optim.AdamW(_param_groups(net, job), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+        lr_scales = [g["lr_scale"] for g in opt.param_groups]
     resumed_from = step
     if cfg_t.gradient_checkpointing and hasattr(net, "unet"):
         net.unet.enable_gradient_checkpointing()
@@ -220,8 +223,8 @@ def train_loop(loop_config: dict) -> None:
         seen_total += int(counts[1])
         if counts[1] == 0:  # no worker has a usable item: every worker skips this step together
             continue
-        for g in opt.param_groups:
-            g["lr"] = training.lr_at(step, cfg_t)
+        for g, scale in zip(opt.param_groups, lr_scales):
+            g["lr"] = training.lr_at(step, cfg_t) * scale
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg_t.bf16):
             if ok.any():
                 loss = _loss(job, stage_cfg, model, clip, batch, ok, device, gen, step)
@@ -280,6 +283,16 @@ def _trainable(net, job: TrainJob) -> list:
     return [p for p in net.parameters() if p.requires_grad]
 
 
+def _param_groups(net, job: TrainJob) -> list[dict]:
+    """The trainable parameters, the video stages' temporal layers in a group of their own whose learning
+    rate is ``temporal_lr_scale`` times the rest (they start at identity; the spatial layers are trained)."""
+    temporal = set(temporal_parameter_names(net)) if job.stage in VIDEO_STAGES else set()
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n not in temporal], "lr_scale": 1.0},
+              {"params": [p for n, p in named if n in temporal], "lr_scale": job.config.temporal_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 def _zero_loss(model, job, stage_cfg, batch, device, gen, step, clip) -> torch.Tensor:
     """A loss of exactly zero computed through the network's forward pass on the (unusable) batch."""
     ok = np.ones(len(batch["ok"]), dtype=bool)
@@ -295,6 +308,7 @@ def _loss(job: TrainJob, stage_cfg, model, clip, batch, ok, device, gen, step) -
     stage = job.stage
     net = model.module if hasattr(model, "module") else model
     diffusion = stage_cfg.diffusion if hasattr(stage_cfg, "diffusion") else None
+    snr = cfg_t.min_snr_gamma
     if stage in ("clip", "prior", "decoder", "sr-low", "sr-high"):
         images = _to_float(batch["image"][ok], device)
         if stage == "clip":
@@ -304,13 +318,13 @@ def _loss(job: TrainJob, stage_cfg, model, clip, batch, ok, device, gen, step) -
                                                                  else net.model.visual.image_size),
                                       tokens.to(device))
         if stage == "prior":
-            return training.prior_loss(model, clip, images, [str(c) for c in batch["caption"][ok]], diffusion, gen)
+            return training.prior_loss(model, clip, images, [str(c) for c in batch["caption"][ok]], diffusion, gen, snr)
         if stage == "decoder":
             x = training.downsample(images, stage_cfg.size)[:, :, None]
             fps = torch.zeros(len(x), device=device)
-            return training.decoder_loss(model, clip, x, fps, diffusion, gen)
+            return training.decoder_loss(model, clip, x, fps, diffusion, gen, snr)
         x = training.downsample(images, stage_cfg.out_size)[:, :, None]
-        return training.sr_loss(model, stage_cfg.in_size, x, cfg_t.noise_aug_max, diffusion, gen)
+        return training.sr_loss(model, stage_cfg.in_size, x, cfg_t.noise_aug_max, diffusion, gen, snr)
     # video stages: sample clips at fps from the schedule
     progress = step / max(1, cfg_t.max_steps)
     videos = batch["video"][ok]
@@ -328,11 +342,11 @@ def _loss(job: TrainJob, stage_cfg, model, clip, batch, ok, device, gen, step) -
         x = frames.reshape(b, f, 3, size, size).transpose(1, 2)
     fps_t = torch.tensor(fps, device=device, dtype=torch.float32)
     if stage == "decoder-video":
-        return training.decoder_loss(model, clip, x, fps_t, diffusion, gen)
+        return training.decoder_loss(model, clip, x, fps_t, diffusion, gen, snr)
     if stage == "sr-low-video":
-        return training.sr_loss(model, stage_cfg.in_size, x, cfg_t.noise_aug_max, diffusion, gen)
+        return training.sr_loss(model, stage_cfg.in_size, x, cfg_t.noise_aug_max, diffusion, gen, snr)
     known = torch.stack([training.interpolation_mask(x.shape[2], cfg_t, gen) for _ in range(len(x))]).to(device)
-    return training.interpolation_loss(model, clip, x, fps_t, known, diffusion, gen)
+    return training.interpolation_loss(model, clip, x, fps_t, known, diffusion, gen, snr)
 
 
 def _decoder_size(job: TrainJob) -> int:

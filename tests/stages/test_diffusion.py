@@ -111,3 +111,30 @@ def test_training_noise_of_a_video_shares_the_configured_part():
     a = training_loss(record, image, cfg=DiffusionConfig(frame_noise_shared=0.6), generator=torch.Generator().manual_seed(1))
     b = training_loss(record, image, cfg=DiffusionConfig(), generator=torch.Generator().manual_seed(1))
     assert torch.equal(seen[-1], seen[-2]) and a == b
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_weighting_gives_x0_errors_the_weight_min_snr_gamma(prediction_type):
+    from stages.diffusion import min_snr_weight, training_scheduler
+
+    cfg = DiffusionConfig(prediction_type=prediction_type)
+    sched = training_scheduler(cfg)
+    t = torch.arange(0, cfg.train_timesteps, 50)
+    a = sched.alphas_cumprod[t].float()
+    snr = a / (1 - a)
+    native = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[prediction_type]
+    weight = min_snr_weight(sched, t, prediction_type, 5.0)
+    assert torch.allclose(weight * native, snr.clamp(max=5.0), rtol=1e-5)
+    assert (snr < 5).any() and (snr > 5).any()  # both sides of γ were checked
+
+    # the loss is the per-sample mean squared error, so weighted; same draws as the plain loss
+    x0 = torch.randn(6, 3, 4)
+    zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, cfg.train_timesteps, (6,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    target = {"epsilon": noise, "sample": x0, "v_prediction": sched.get_velocity(x0, noise, t)}[prediction_type]
+    expected = (target.pow(2).flatten(1).mean(1) * min_snr_weight(sched, t, prediction_type, 5.0)).mean()
+    got = training_loss(zero, x0, cfg=cfg, generator=torch.Generator().manual_seed(3), snr_gamma=5.0)
+    plain = training_loss(zero, x0, cfg=cfg, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(got, expected) and torch.allclose(plain, target.pow(2).mean())

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight st
 ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
 CONFIG = TrainConfig(batch_size=4, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
 # Contrastive training of the tiny CLIP collapses to chance (loss log b) at lr 1e-3; at 3e-4 it learns within 48 steps.
-STAGE_CONFIG = {"clip": dataclasses.replace(CONFIG, lr=3e-4, max_steps=48, log_every=8, checkpoint_every=24)}
+# decoder-video also runs the options of the shapes recipe: its own rate for the temporal layers, Min-SNR-γ.
+STAGE_CONFIG = {"clip": dataclasses.replace(CONFIG, lr=3e-4, max_steps=48, log_every=8, checkpoint_every=24),
+                "decoder-video": dataclasses.replace(CONFIG, temporal_lr_scale=3.0, min_snr_gamma=5.0)}
 
 
 def config_of(stage: str) -> TrainConfig:
@@ -219,3 +221,25 @@ def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
                                             preset=str(path), init=str(tmp_path / "bundle")))
         save_stage(str(tmp_path / "video"), produced, cfg, net)
         assert load_stage(str(tmp_path / "video"), produced)[0].diffusion.frame_noise_shared == 0.4, stage
+
+
+def test_video_stages_give_temporal_layers_their_own_learning_rate(tiny_config):
+    from stages.unet import VideoUNet
+    from workflows.train import _param_groups
+
+    unet = tiny_config.decoder.unet
+    net = VideoUNet(dataclasses.replace(unet, temporal=True))
+    job = TrainJob(stage="decoder-video", data=("unused",), output="unused", preset="unused",
+                   config=dataclasses.replace(CONFIG, temporal_lr_scale=4.0))
+    spatial, temporal = _param_groups(net, job)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)] for p in temporal["params"]} == set(temporal_parameter_names(net))
+    assert len(spatial["params"]) + len(temporal["params"]) == len(list(net.parameters()))
+    assert (spatial["lr_scale"], temporal["lr_scale"]) == (1.0, 4.0)
+    # an image stage has no temporal layers: one group at the base rate
+    image = TrainJob(stage="decoder", data=("unused",), output="unused", preset="unused", config=job.config)
+    assert [g["lr_scale"] for g in _param_groups(VideoUNet(dataclasses.replace(unet, temporal=False)), image)] == [1.0]
+    with pytest.raises(ConfigError, match="temporal_lr_scale"):
+        TrainConfig(temporal_lr_scale=0)
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        TrainConfig(min_snr_gamma=-1)
