@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight st
 ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
 CONFIG = TrainConfig(batch_size=4, lr=1e-3, max_steps=24, log_every=4, checkpoint_every=12, frames=4, ema_decay=0.9)
 # Contrastive training of the tiny CLIP collapses to chance (loss log b) at lr 1e-3; at 3e-4 it learns within 48 steps.
-# decoder-video also runs the options of the shapes recipe: its own rate for the temporal layers, Min-SNR-γ.
+# decoder-video also trains its temporal layers at their own rate, under Min-SNR-γ weighting.
 STAGE_CONFIG = {"clip": dataclasses.replace(CONFIG, lr=3e-4, max_steps=48, log_every=8, checkpoint_every=24),
                 "decoder-video": dataclasses.replace(CONFIG, temporal_lr_scale=3.0, min_snr_gamma=5.0)}
 
