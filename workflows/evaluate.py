@@ -20,7 +20,8 @@ classifier:
 
 Per video: text fidelity (the majority colour / shape over the frames equals the prompt's), temporal
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, and the
-frame-to-frame centroid displacement: mean, variance, and mean |second difference|; ``travel``, the distance
+frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
+a single jump dominates however smooth the rest of the video is; ``travel``, the distance
 from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
 path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The judge itself is
 scored on ground-truth videos rendered by synth.py at the same size and length (``judge`` in the report),
@@ -139,6 +140,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
         "displacement_mean": float(disp.mean()) if len(disp) else None,
         "displacement_var": float(disp.var()) if len(disp) else None,
         "acceleration_mean": float(accel.mean()) if len(accel) else None,
+        "largest_step": float(disp.max()) if len(disp) else None,
         "travel": travel,
         "straightness": travel / float(disp.sum()) if travel is not None and disp.sum() > 0 else None,
         "fill_median": float(np.median(judged["fill"][present])) if present.any() else None,
@@ -146,8 +148,8 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
 
 
 SUMMARY_KEYS = ("colour_ok", "shape_ok", "colour_frames_ok", "shape_frames_ok", "present", "colour_identity",
-                "shape_identity", "displacement_mean", "displacement_var", "acceleration_mean", "travel",
-                "straightness")
+                "shape_identity", "displacement_mean", "displacement_var", "acceleration_mean", "largest_step",
+                "travel", "straightness")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -187,7 +189,8 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0) -> dict:
                        "offset_triangle": OFFSET_TRIANGLE,
                        "min_area": MIN_AREA, "open_min_size": OPEN_MIN_SIZE},
         "reference": {k: ref[k] for k in ("present", "colour_identity", "shape_identity", "displacement_mean",
-                                          "displacement_var", "acceleration_mean", "travel", "straightness")},
+                                          "displacement_var", "acceleration_mean", "largest_step", "travel",
+                                          "straightness")},
     }
 
 
@@ -306,7 +309,7 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
         o = report["models"][model]["overall"]
         log(f"[eval] {model}: {len(rows)} videos in {seconds:.0f}s; colour {o['colour_accuracy']:.0%}, "
             f"shape {o['shape_accuracy']:.0%}, displacement {_fmt(o['displacement_mean'])} "
-            f"± {_fmt(o['displacement_var'], sqrt=True)}")
+            f"± {_fmt(o['displacement_var'], sqrt=True)}, largest step {_fmt(o['largest_step'])}")
     _, f, h, _ = samples["video"][0].shape
     report["judge"] = judge_accuracy(h, f, spec.judge_videos)
     j = report["judge"]
@@ -372,7 +375,7 @@ def plot(report: dict) -> bytes:
                                                m["overall"]["present"]]))
     panel(30, "text fidelity and identity across frames (share)", names, series, 1.0)
     motion = [("displacement_mean", "step\nmean"), ("displacement_var", "step\nstd"),
-              ("acceleration_mean", "|2nd diff|\nmean")]
+              ("acceleration_mean", "|2nd diff|\nmean"), ("largest_step", "largest\nstep")]
 
     def values(figures):
         return [None if figures[k] is None else (figures[k] ** 0.5 if k.endswith("var") else figures[k])
@@ -381,7 +384,7 @@ def plot(report: dict) -> bytes:
     series = [(model, colours[model], values(m["overall"])) for model, m in report["models"].items()]
     series.append(("ground truth", colours["ground truth"], values(report["judge"]["reference"])))
     top = max([v for _, _, vs in series for v in vs if v is not None] + [1e-3])
-    panel(520, "centroid motion per frame, frame sizes (std, 2nd diff: lower = smoother)", [n for _, n in motion],
+    panel(520, "centroid motion per frame, frame sizes (std, 2nd diff, largest: lower = smoother)", [n for _, n in motion],
           series, top)
     return _png(img)
 
@@ -490,6 +493,7 @@ def cmd_eval(args) -> int:
                 print(f"{model:<15} {group:<9} {g['videos']:>3} videos  colour {g['colour_accuracy']:.0%}  "
                       f"shape {g['shape_accuracy']:.0%}  "
                       f"identity {g['colour_identity']:.0%}/{g['shape_identity']:.0%}  "
-                      f"step {_fmt(g['displacement_mean'])} ± {_fmt(g['displacement_var'], sqrt=True)}",
+                      f"step {_fmt(g['displacement_mean'])} ± {_fmt(g['displacement_var'], sqrt=True)}  "
+                      f"largest {_fmt(g['largest_step'])}",
                       file=sys.stderr)
     return 0

@@ -174,6 +174,19 @@ def test_independent_frames_score_worse_coherence_than_motion():
     jumping = evaluate.video_metrics(evaluate.judge_frames(jumps), "blue", "square")
     assert jumping["displacement_mean"] > 3 * moving["displacement_mean"]
     assert jumping["acceleration_mean"] > 3 * moving["acceleration_mean"]
+    assert jumping["largest_step"] > 3 * moving["largest_step"]
+
+
+def test_largest_step_catches_one_jump_in_smooth_motion():
+    from workflows.synth import draw
+
+    xs = [16 + 2 * t for t in range(6)] + [44 + 2 * t for t in range(6)]  # 2 px a frame, one jump of 18 px
+    video = np.stack([draw("square", "green", x, 32, 6, 64) for x in xs]).transpose(3, 0, 1, 2)
+    m = evaluate.video_metrics(evaluate.judge_frames(video), "green", "square")
+    assert abs(m["largest_step"] - 18 / 64) < 0.01
+    assert m["displacement_mean"] < 0.5 * m["largest_step"]
+    report = evaluate.summarise([m, m])
+    assert report["largest_step"] == pytest.approx(m["largest_step"])
 
 
 def test_straightness_tells_motion_from_jitter_in_place():
