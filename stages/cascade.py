@@ -104,7 +104,7 @@ def decode(
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     shape = (3, cfg.frames, cfg.size, cfg.size)
-    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.frame_noise_shared)
+    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
     return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
@@ -128,10 +128,13 @@ def infill(
     steps: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """↑F in general form: generate the frames where ``known`` (``b f``) is False, keep the others exactly.
+    """↑F in general form: generate the frames where ``known`` (``b f``) is False, given the others.
 
     Interpolation gives every ``skip``-th frame; extrapolation gives the first (or last) frames; image
-    animation gives one frame.
+    animation gives one frame. The given frames come out exactly as they went in, or, with
+    ``cfg.keep_given_frames`` false, as ↑F renders them in the same sample as the frames it fills in (the
+    network is trained to reproduce every frame, so both are one video: no step in brightness or outline
+    where a given frame meets a generated one).
     """
     dev, dt = _device(net), _dtype(net)
     frames, known = frames.to(dev, dt), known.to(dev)
@@ -141,8 +144,10 @@ def infill(
         "fps": fps.to(dev, torch.float32),
     }
     noise = frame_noise(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt,
-                        cfg.diffusion.frame_noise_shared)
+                        cfg.diffusion.sampling_shared)
     out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
+    if not cfg.keep_given_frames:
+        return out
     keep = known[:, None, :, None, None]
     return torch.where(keep, frames, out)
 
@@ -160,7 +165,8 @@ def interpolate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """↑F with frame skip s: ``b 3 F h w`` at fps -> ``b 3 ((F-1)s+1) h w`` at fps·s.
 
-    Keyframe i lands at position i·s unchanged; the s−1 frames between each pair are generated.
+    Keyframe i lands at position i·s (unchanged unless ``cfg.keep_given_frames`` is false); the s−1
+    frames between each pair are generated.
     """
     b, c, f, h, w = keyframes.shape
     s = cfg.skip
@@ -203,7 +209,7 @@ def super_resolve_video(
     aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
     level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
     cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
-    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.frame_noise_shared)
+    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.sampling_shared)
     return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
 
 

@@ -36,6 +36,7 @@ class DiffusionConfig:
     clip_sample: bool = True            # clamp predicted x_0 to [-1, 1] (pixel stages)
     cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
     frame_noise_shared: float = 0.0     # video stages: share ρ of the noise variance common to all frames
+    sample_frame_noise_shared: float | None = None  # ρ of the initial noise when sampling; None: frame_noise_shared
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -48,8 +49,15 @@ class DiffusionConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        if not 0.0 <= self.frame_noise_shared < 1.0:
-            raise ConfigError(f"frame_noise_shared must be in [0, 1), got {self.frame_noise_shared}")
+        for name in ("frame_noise_shared", "sample_frame_noise_shared"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+    @property
+    def sampling_shared(self) -> float:
+        """ρ of the initial noise a sample starts from: the training ρ unless sampling sets its own."""
+        return self.frame_noise_shared if self.sample_frame_noise_shared is None else self.sample_frame_noise_shared
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,8 +124,9 @@ class PriorConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.diffusion.frame_noise_shared:
-            raise ConfigError("prior: diffusion.frame_noise_shared applies to video stages only; set it to 0")
+        if self.diffusion.frame_noise_shared or self.diffusion.sample_frame_noise_shared:
+            raise ConfigError("prior: diffusion.frame_noise_shared and sample_frame_noise_shared apply to video "
+                              "stages only; set them to 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +170,7 @@ class InterpolationConfig:
     context_tokens: int = 4
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=1.0, steps=10))
+    keep_given_frames: bool = True  # output the given frames as they came in; false: ↑F's own rendering of them
 
     def __post_init__(self) -> None:
         _check_positive("skip", self.skip)
@@ -201,9 +211,9 @@ class SRHighConfig(SuperResConfig):
         super().__post_init__()
         if self.unet.temporal:
             raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
-        if self.diffusion.frame_noise_shared:
+        if self.diffusion.frame_noise_shared or self.diffusion.sample_frame_noise_shared:
             raise ConfigError("sr_high: every frame already starts from the same noise; "
-                              "set diffusion.frame_noise_shared to 0")
+                              "set diffusion.frame_noise_shared and sample_frame_noise_shared to 0")
         _check_positive("frame_batch", self.frame_batch)
 
 

@@ -82,7 +82,7 @@ def initial_network(job: TrainJob):
             # Image training: the 2D network, making independent frames; inflation and the frames' shared
             # noise come with video fine-tuning.
             cfg = replace(cfg, unet=replace(cfg.unet, temporal=False),
-                          diffusion=replace(cfg.diffusion, frame_noise_shared=0.0))
+                          diffusion=replace(cfg.diffusion, frame_noise_shared=0.0, sample_frame_noise_shared=None))
         return cfg, cascade.build_stage(produced, cfg)
     if not job.init:
         raise ConfigError(f"{job.stage} starts from a trained {init_stage} stage: pass --init BUNDLE")
@@ -97,8 +97,9 @@ def initial_network(job: TrainJob):
         cfg = replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
                       unet=net.cfg)
         return cfg, net
-    shared = target.diffusion.frame_noise_shared
-    return replace(init_cfg, unet=net.cfg, diffusion=replace(init_cfg.diffusion, frame_noise_shared=shared)), net
+    diffusion = replace(init_cfg.diffusion, frame_noise_shared=target.diffusion.frame_noise_shared,
+                        sample_frame_noise_shared=target.diffusion.sample_frame_noise_shared)
+    return replace(init_cfg, unet=net.cfg, diffusion=diffusion), net
 
 
 def _load_state(directory: str, net, ema, opt) -> int:

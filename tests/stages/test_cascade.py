@@ -43,6 +43,40 @@ def test_stage_shapes(nets, tiny_config):
 
 
 @torch.inference_mode()
+def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
+    """D^t's initial noise has the sampling ρ when one is set, the training ρ otherwise."""
+    from dataclasses import replace
+
+    def keyframes(**shares):
+        cfg = replace(tiny_config.decoder, diffusion=replace(tiny_config.decoder.diffusion, **shares))
+        return cascade.decode(nets["decoder"], cfg, torch.randn(1, 32, generator=torch.Generator().manual_seed(0)),
+                              torch.tensor([4.0]), [3])
+
+    trained_at_half = keyframes(frame_noise_shared=0.5)
+    sampled_at_09 = keyframes(frame_noise_shared=0.5, sample_frame_noise_shared=0.9)
+    assert torch.equal(sampled_at_09, keyframes(frame_noise_shared=0.9))
+    assert not torch.equal(sampled_at_09, trained_at_half)
+
+
+@torch.inference_mode()
+def test_interpolation_can_output_its_own_rendering_of_the_keyframes(nets, tiny_config):
+    """keep_given_frames false: the same sample, with ↑F's output also at the keyframes' positions."""
+    from dataclasses import replace
+
+    keys = torch.rand(1, 3, tiny_config.decoder.frames, 8, 8) * 2 - 1
+    args = (keys, torch.randn(1, 32), torch.tensor([3.0]), [7])
+    kept, _ = cascade.interpolate(nets["interpolation"], tiny_config.interpolation, *args)
+    cfg = replace(tiny_config.interpolation, keep_given_frames=False)
+    rendered, _ = cascade.interpolate(nets["interpolation"], cfg, *args)
+    s = cfg.skip
+    generated = torch.ones(kept.shape[2], dtype=torch.bool)
+    generated[::s] = False
+    assert torch.equal(kept[:, :, ::s], keys)
+    assert torch.equal(rendered[:, :, generated], kept[:, :, generated])
+    assert not torch.allclose(rendered[:, :, ::s], keys, atol=1e-3)
+
+
+@torch.inference_mode()
 def test_paper_frame_count_16_to_76(nets, tiny_config):
     """Frame skip 5 turns 16 keyframes into 76 frames, keyframe i at position 5i, unchanged."""
     from dataclasses import replace

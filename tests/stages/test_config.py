@@ -85,3 +85,11 @@ def test_frame_noise_share_is_checked_and_only_for_stages_with_frames():
         PriorConfig(diffusion=DiffusionConfig(frame_noise_shared=0.5))
     with pytest.raises(ConfigError, match="sr_high: every frame already starts from the same noise"):
         SRHighConfig(diffusion=DiffusionConfig(frame_noise_shared=0.5))
+    with pytest.raises(ConfigError, match="sample_frame_noise_shared must be in"):
+        DiffusionConfig(sample_frame_noise_shared=-0.1)
+    with pytest.raises(ConfigError, match="sr_high: every frame already starts from the same noise"):
+        SRHighConfig(diffusion=DiffusionConfig(sample_frame_noise_shared=0.5))
+    # Sampling takes the training ρ unless it sets its own.
+    assert DiffusionConfig(frame_noise_shared=0.5).sampling_shared == 0.5
+    assert DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.9).sampling_shared == 0.9
+    assert DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.0).sampling_shared == 0.0
