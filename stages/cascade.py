@@ -104,7 +104,8 @@ def decode(
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     shape = (3, cfg.frames, cfg.size, cfg.size)
-    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared)
+    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared,
+                        cfg.diffusion.sampling_progressive)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
     return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
@@ -144,7 +145,7 @@ def infill(
         "fps": fps.to(dev, torch.float32),
     }
     noise = frame_noise(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt,
-                        cfg.diffusion.sampling_shared)
+                        cfg.diffusion.sampling_shared, cfg.diffusion.sampling_progressive)
     out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
     if not cfg.keep_given_frames:
         return out
@@ -209,7 +210,8 @@ def super_resolve_video(
     aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
     level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
     cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
-    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.sampling_shared)
+    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.sampling_shared,
+                        cfg.diffusion.sampling_progressive)
     return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 STAGE_NAMES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
+FRAME_STAGES = STAGE_NAMES[STAGE_NAMES.index("decoder"):]  # the cascade's stages whose output is frames
 
 SAMPLERS = ("ddim", "dpm++")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -23,6 +24,11 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 class ConfigError(ValueError):
     """A config file or mapping that does not describe a valid stage."""
+
+
+# The correlation of a video's noise across frames, for training and sampling (stages.diffusion.frame_noise).
+FRAME_NOISE_FIELDS = ("frame_noise_shared", "sample_frame_noise_shared", "frame_noise_progressive",
+                      "sample_frame_noise_progressive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +43,8 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
     frame_noise_shared: float = 0.0     # video stages: share ρ of the noise variance common to all frames
     sample_frame_noise_shared: float | None = None  # ρ of the initial noise when sampling; None: frame_noise_shared
+    frame_noise_progressive: float = 0.0  # video stages: correlation r of the per-frame noise between neighbours
+    sample_frame_noise_progressive: float | None = None  # r when sampling; None: frame_noise_progressive
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -49,7 +57,7 @@ class DiffusionConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        for name in ("frame_noise_shared", "sample_frame_noise_shared"):
+        for name in FRAME_NOISE_FIELDS:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
@@ -58,6 +66,18 @@ class DiffusionConfig:
     def sampling_shared(self) -> float:
         """ρ of the initial noise a sample starts from: the training ρ unless sampling sets its own."""
         return self.frame_noise_shared if self.sample_frame_noise_shared is None else self.sample_frame_noise_shared
+
+    @property
+    def sampling_progressive(self) -> float:
+        """r of the initial noise a sample starts from: the training r unless sampling sets its own."""
+        if self.sample_frame_noise_progressive is None:
+            return self.frame_noise_progressive
+        return self.sample_frame_noise_progressive
+
+    @property
+    def frame_noise_set(self) -> bool:
+        """Whether any frame-noise correlation is set (meaningless for the image and per-frame stages)."""
+        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,9 +144,9 @@ class PriorConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.diffusion.frame_noise_shared or self.diffusion.sample_frame_noise_shared:
-            raise ConfigError("prior: diffusion.frame_noise_shared and sample_frame_noise_shared apply to video "
-                              "stages only; set them to 0")
+        if self.diffusion.frame_noise_set:
+            raise ConfigError(f"prior: diffusion.{', '.join(FRAME_NOISE_FIELDS)} apply to video stages only; "
+                              "set them to 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,9 +231,9 @@ class SRHighConfig(SuperResConfig):
         super().__post_init__()
         if self.unet.temporal:
             raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
-        if self.diffusion.frame_noise_shared or self.diffusion.sample_frame_noise_shared:
-            raise ConfigError("sr_high: every frame already starts from the same noise; "
-                              "set diffusion.frame_noise_shared and sample_frame_noise_shared to 0")
+        if self.diffusion.frame_noise_set:
+            raise ConfigError(f"sr_high: every frame already starts from the same noise; "
+                              f"set diffusion.{', '.join(FRAME_NOISE_FIELDS)} to 0")
         _check_positive("frame_batch", self.frame_batch)
 
 

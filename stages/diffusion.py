@@ -78,16 +78,30 @@ def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, d
 
 
 def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32,
-                shared: float = 0.0) -> torch.Tensor:
-    """``len(generators) x shape`` noise for videos ``c f h w``: the mixed noise of PYoCo (Ge et al., 2023),
-    ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind, still N(0, I) per frame but correlated ρ between frames, so that
-    the frames of one sample start from a common layout. ρ = 0 is :func:`randn` exactly."""
-    ind = randn(shape, generators, device, dtype)
+                shared: float = 0.0, progressive: float = 0.0) -> torch.Tensor:
+    """``len(generators) x shape`` noise for videos ``c f h w``, N(0, I) per frame but correlated between
+    frames: PYoCo's (Ge et al., 2023) mixed noise, ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind, with ρ = ``shared``,
+    whose per-frame part is their progressive noise when r = ``progressive`` > 0 (see
+    :func:`progressive_frame_noise`). The mixed part gives the frames of one sample a common layout; the
+    progressive part lets it drift, neighbours correlated ρ + (1 − ρ) r, frames k apart ρ + (1 − ρ) r^k.
+    ρ = r = 0 is :func:`randn` exactly."""
+    ind = progressive_frame_noise(randn(shape, generators, device, dtype), progressive)
     if not shared:
         return ind
     c, _, h, w = shape
     common = randn((c, 1, h, w), generators, device, dtype)
     return mix_frame_noise(ind, common, shared)
+
+
+def progressive_frame_noise(ind: torch.Tensor, r: float) -> torch.Tensor:
+    """Independent noise ``b c f h w`` -> PYoCo's progressive noise: ε_0 = η_0, ε_i = r ε_{i−1} + √(1 − r²) η_i,
+    an AR(1) process over frames, still N(0, I) per frame, correlated r^|i − j| between frames i and j."""
+    if not r or ind.shape[2] < 2:
+        return ind
+    frames = [ind[:, :, 0]]
+    for i in range(1, ind.shape[2]):
+        frames.append(r * frames[-1] + (1 - r * r) ** 0.5 * ind[:, :, i])
+    return torch.stack(frames, dim=2)
 
 
 def mix_frame_noise(ind: torch.Tensor, common: torch.Tensor, shared: float) -> torch.Tensor:
@@ -169,7 +183,8 @@ def training_loss(
     """Simple diffusion loss E_{t, ε} ‖target − model(x_t, t, c)‖² (Ho et al., 2020, eq. 14).
 
     The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``; a video's
-    ε mixes a noise common to its frames by ``cfg.frame_noise_shared`` (see :func:`frame_noise`).
+    ε is correlated across frames by ``cfg.frame_noise_shared`` and ``cfg.frame_noise_progressive`` (see
+    :func:`frame_noise`).
     ``snr_gamma`` > 0 weights each sample's loss by Min-SNR-γ (Hang et al., 2023): its x_0 error counts
     min(SNR_t, γ), so the nearly clean steps no longer dominate and the noisy steps, where the layout
     (and a video's motion) is decided, learn faster.
@@ -179,6 +194,8 @@ def training_loss(
     b = x0.shape[0]
     t = torch.randint(0, cfg.train_timesteps, (b,), generator=generator, device="cpu").to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+    if x0.ndim == 5:
+        noise = progressive_frame_noise(noise, cfg.frame_noise_progressive)
     if cfg.frame_noise_shared and x0.ndim == 5 and x0.shape[2] > 1:
         common = torch.randn((*x0.shape[:2], 1, *x0.shape[3:]), generator=generator, device="cpu").to(x0.device, x0.dtype)
         noise = mix_frame_noise(noise, common, cfg.frame_noise_shared)

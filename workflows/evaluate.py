@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.checkpoint import CheckpointError, join, load_stage_config, write_bytes_atomic
-from stages.config import STAGE_NAMES
+from stages.config import FRAME_STAGES, STAGE_NAMES
 from workflows.synth import COLOURS, SHAPES, moving_video, parse_holdout
 
 FG_DISTANCE = 96        # foreground: some channel at least this far below white (255)
@@ -53,6 +53,7 @@ OFFSET_TRIANGLE = 0.08  # centroid this far below the bounding box's middle (sha
 CORNER = 0.12           # otherwise, the bounding box's four corner squares of this share of its side...
 CORNER_SQUARE = 0.5     # ...filled above this share: a square (≈ 1; a circle leaves them empty)
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+SOURCE_FPS = 30         # the renderer's frame rate (synth.py's speeds are per frame at 30 fps)
 MODELS = ("video", "image_baseline")
 
 
@@ -163,17 +164,18 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0) -> dict:
+def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: float = SOURCE_FPS) -> dict:
     """The judge on ground truth: ``videos`` synth.py videos (every colour×shape in turn) at ``size`` and
-    ``frames``: per-frame and per-video accuracy, each shape's fill ratios, and the temporal figures of
-    real motion (``reference``)."""
+    ``frames``, played at ``fps`` (every round(30 / fps)-th frame of the renderer's 30 fps): per-frame and
+    per-video accuracy, each shape's fill ratios, and the temporal figures of real motion (``reference``)."""
+    stride = max(1, round(SOURCE_FPS / fps))
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     rows, colour_hits, shape_hits, n_frames = [], 0, 0, 0
     fills: dict[str, list[float]] = {s: [] for s in SHAPES}
     for i in range(videos):
         colour, shape = combos[i % len(combos)]
-        judged = judge_frames(moving_video(rng, size, frames, colour, shape))
+        judged = judge_frames(moving_video(rng, size, (frames - 1) * stride + 1, colour, shape)[:, ::stride])
         rows.append(video_metrics(judged, colour, shape))
         colour_hits += int((judged["colour"] == list(COLOURS).index(colour)).sum())
         shape_hits += int((judged["shape"] == SHAPES.index(shape)).sum())
@@ -181,7 +183,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0) -> dict:
         fills[shape] += judged["fill"][judged["present"]].tolist()
     ref = summarise(rows)
     return {
-        "size": size, "frames": frames, "videos": videos,
+        "size": size, "frames": frames, "fps": SOURCE_FPS / stride, "videos": videos,
         "frame_colour_accuracy": colour_hits / n_frames, "frame_shape_accuracy": shape_hits / n_frames,
         "video_colour_accuracy": ref["colour_accuracy"], "video_shape_accuracy": ref["shape_accuracy"],
         "fill": {s: {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v))}
@@ -233,6 +235,7 @@ class EvalSpec:
     fps: int = 5
     batch_size: int = 4
     judge_videos: int = 54                      # ground-truth videos the judge is scored on
+    until: str = "sr_high"                      # the last stage run: its output is judged (decoder: keyframes)
 
 
 def default_baseline(checkpoint: str) -> str | None:
@@ -282,12 +285,12 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
     models = {"video": stage_checkpoints(spec.checkpoint, None)}
     if spec.baseline:
         models["image_baseline"] = stage_checkpoints(spec.checkpoint, spec.baseline)
-    report: dict = {"checkpoint": spec.checkpoint, "baseline": spec.baseline,
+    report: dict = {"checkpoint": spec.checkpoint, "baseline": spec.baseline, "until": spec.until,
                     "holdout": [" ".join(p) for p in sorted(held)], "models": {}}
     samples, rates = {}, {}
     for model, checkpoints in models.items():
         start = time.perf_counter()
-        pipe = Pipeline(checkpoint=checkpoints)
+        pipe = Pipeline(checkpoint=checkpoints, until=spec.until)
         made = [v for i in range(0, len(requests), spec.batch_size)
                 for v in pipe.generate(requests[i : i + spec.batch_size])]
         videos, fps = [v.frames for v in made], [v.fps for v in made]
@@ -310,9 +313,9 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
             f"shape {o['shape_accuracy']:.0%}, displacement {_fmt(o['displacement_mean'])} "
             f"± {_fmt(o['displacement_var'], sqrt=True)}, largest step {_fmt(o['largest_step'])}")
     _, f, h, _ = samples["video"][0].shape
-    report["judge"] = judge_accuracy(h, f, spec.judge_videos)
+    report["judge"] = judge_accuracy(h, f, spec.judge_videos, fps=rates["video"][0])
     j = report["judge"]
-    log(f"[eval] judge on {j['videos']} ground-truth videos ({h}px, {f} frames): "
+    log(f"[eval] judge on {j['videos']} ground-truth videos ({h}px, {f} frames at {j['fps']:g} fps): "
         f"colour {j['frame_colour_accuracy']:.1%}, shape {j['frame_shape_accuracy']:.1%} of frames")
     write_bytes_atomic(join(spec.out, "report.json"), json.dumps(report, indent=2).encode())
     write_bytes_atomic(join(spec.out, "report.png"), plot(report))
@@ -459,6 +462,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--fps", type=int, default=5, help="keyframe rate of rows without an fps column (default 5)")
     ev.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
     ev.add_argument("--judge-videos", type=int, default=54, help="ground-truth videos the judge is scored on")
+    ev.add_argument("--until", choices=FRAME_STAGES, default="sr_high",
+                    help="judge the cascade's output after this stage (decoder: D^t's keyframes; default sr_high, "
+                         "the finished video)")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -477,7 +483,7 @@ def cmd_eval(args) -> int:
             raise ValueError(f"--judge-videos must be >= 1, got {args.judge_videos}")
         spec = EvalSpec(checkpoint=args.checkpoint, prompts=tuple(args.prompts), out=args.out, baseline=baseline,
                         holdout=holdout, seed=args.seed, steps=args.steps, fps=args.fps, batch_size=args.batch_size,
-                        judge_videos=args.judge_videos)
+                        judge_videos=args.judge_videos, until=args.until)
         read_requests(spec)
     except (CheckpointError, InputError, ValueError) as e:
         raise CliError(str(e)) from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stages.config import STAGE_NAMES
+from stages.config import FRAME_STAGES, STAGE_NAMES
 from workflows.presets import DEFAULT_PRESET
 from workflows.runners import RUNNERS, StageProgress, StageRunner
 
@@ -88,12 +88,17 @@ class Pipeline:
         preset: str = DEFAULT_PRESET,
         device: str | torch.device | None = None,
         progress: StageProgress | None = None,
+        until: str = "sr_high",
     ) -> None:
         """``checkpoint``: one bundle for every stage, or a bundle per stage name (e.g. an image-only
-        baseline's decoder with the other stages of a trained bundle)."""
+        baseline's decoder with the other stages of a trained bundle). ``until``: the last stage to run,
+        whose output is the video (``decoder``: D^t's keyframes, at the requested fps)."""
+        if until not in FRAME_STAGES:
+            raise ValueError(f"until must be one of {', '.join(FRAME_STAGES)}, got {until!r}")
+        runners = RUNNERS[: STAGE_NAMES.index(until) + 1]
         per_stage = checkpoint if isinstance(checkpoint, Mapping) else dict.fromkeys(STAGE_NAMES, checkpoint)
         self.runners: list[StageRunner] = [
-            cls(checkpoint=per_stage[cls.stage], preset=preset, device=device, progress=progress) for cls in RUNNERS
+            cls(checkpoint=per_stage[cls.stage], preset=preset, device=device, progress=progress) for cls in runners
         ]
 
     def run(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -108,8 +113,9 @@ class Pipeline:
         if not requests:
             return []
         out, seconds = self.run(to_batch(requests))
+        fps = out.get("video_fps", out["fps"])  # D^t's keyframes play at the rate they were made for
         return [
-            Video(frames=out["video"][i], fps=float(out["video_fps"][i]), truncated=bool(out["truncated"][i]),
+            Video(frames=out["video"][i], fps=float(fps[i]), truncated=bool(out["truncated"][i]),
                   stage_seconds=seconds)
             for i in range(len(requests))
         ]

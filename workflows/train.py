@@ -37,7 +37,7 @@ import torch
 
 from stages import cascade, training
 from stages.checkpoint import CheckpointError, join, load_stage, save_stage, write_bytes_atomic
-from stages.config import ConfigError, load_yaml
+from stages.config import FRAME_NOISE_FIELDS, ConfigError, DiffusionConfig, load_yaml
 from stages.temporal import temporal_parameter_names
 from stages.training import STAGE_OF, TRAIN_STAGES, VIDEO_STAGES, TrainConfig
 from workflows.presets import DEFAULT_PRESET, load_preset
@@ -79,10 +79,10 @@ def initial_network(job: TrainJob):
     if init_stage is None:
         cfg = getattr(preset, produced)
         if job.stage in ("decoder", "sr-low"):
-            # Image training: the 2D network, making independent frames; inflation and the frames' shared
-            # noise come with video fine-tuning.
-            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False),
-                          diffusion=replace(cfg.diffusion, frame_noise_shared=0.0, sample_frame_noise_shared=None))
+            # Image training: the 2D network, making independent frames; inflation and the correlation of
+            # the frames' noise come with video fine-tuning.
+            independent = {k: getattr(DiffusionConfig(), k) for k in FRAME_NOISE_FIELDS}
+            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False), diffusion=replace(cfg.diffusion, **independent))
         return cfg, cascade.build_stage(produced, cfg)
     if not job.init:
         raise ConfigError(f"{job.stage} starts from a trained {init_stage} stage: pass --init BUNDLE")
@@ -97,8 +97,7 @@ def initial_network(job: TrainJob):
         cfg = replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
                       unet=net.cfg)
         return cfg, net
-    diffusion = replace(init_cfg.diffusion, frame_noise_shared=target.diffusion.frame_noise_shared,
-                        sample_frame_noise_shared=target.diffusion.sample_frame_noise_shared)
+    diffusion = replace(init_cfg.diffusion, **{k: getattr(target.diffusion, k) for k in FRAME_NOISE_FIELDS})
     return replace(init_cfg, unet=net.cfg, diffusion=diffusion), net
 
 

@@ -56,6 +56,10 @@ def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
     sampled_at_09 = keyframes(frame_noise_shared=0.5, sample_frame_noise_shared=0.9)
     assert torch.equal(sampled_at_09, keyframes(frame_noise_shared=0.9))
     assert not torch.equal(sampled_at_09, trained_at_half)
+    # The same for the progressive noise's r.
+    progressive = keyframes(frame_noise_shared=0.5, sample_frame_noise_progressive=0.95)
+    assert torch.equal(progressive, keyframes(frame_noise_shared=0.5, frame_noise_progressive=0.95))
+    assert not torch.equal(progressive, trained_at_half)
 
 
 @torch.inference_mode()
@@ -128,6 +132,21 @@ def test_sr_high_shares_noise_across_frames(nets, tiny_config):
 
 
 @torch.inference_mode()
+def test_pipeline_can_stop_after_a_stage(tiny_preset_file, tiny_config):
+    """``until="decoder"``: D^t's keyframes, at the requested rate; the same keyframes ↑F then fills in."""
+    from workflows.pipeline import Pipeline, Request
+
+    request = Request(prompt="a green triangle", seed=11, fps=6)
+    [keyframes] = Pipeline(preset=tiny_preset_file, device="cpu", until="decoder").generate([request])
+    d = tiny_config.decoder
+    assert keyframes.frames.shape == (3, d.frames, d.size, d.size) and keyframes.fps == 6.0
+    [filled] = Pipeline(preset=tiny_preset_file, device="cpu", until="interpolation").generate([request])
+    skip = tiny_config.interpolation.skip
+    assert filled.frames.shape == (3, (d.frames - 1) * skip + 1, d.size, d.size) and filled.fps == 6.0 * skip
+    with pytest.raises(ValueError, match="until must be one of decoder, interpolation, sr_low, sr_high, got 'prior'"):
+        Pipeline(preset=tiny_preset_file, device="cpu", until="prior")
+
+
 def test_seed_determinism_across_batch_composition(tiny_config):
     """The same prompt and seed give the same video whether alone or batched with other prompts."""
     from workflows.pipeline import Pipeline, Request

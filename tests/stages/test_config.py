@@ -93,3 +93,19 @@ def test_frame_noise_share_is_checked_and_only_for_stages_with_frames():
     assert DiffusionConfig(frame_noise_shared=0.5).sampling_shared == 0.5
     assert DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.9).sampling_shared == 0.9
     assert DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.0).sampling_shared == 0.0
+
+
+def test_progressive_frame_noise_is_checked_and_only_for_stages_with_frames():
+    from stages.config import PriorConfig, SRHighConfig
+
+    for name in ("frame_noise_progressive", "sample_frame_noise_progressive"):
+        with pytest.raises(ConfigError, match=f"{name} must be in"):
+            DiffusionConfig(**{name: 1.0})
+        with pytest.raises(ConfigError, match="prior: diffusion.*apply to video stages only"):
+            PriorConfig(diffusion=DiffusionConfig(**{name: 0.5}))
+        with pytest.raises(ConfigError, match="sr_high: every frame already starts from the same noise"):
+            SRHighConfig(diffusion=DiffusionConfig(**{name: 0.5}))
+    # Sampling takes the training r unless it sets its own.
+    assert DiffusionConfig(frame_noise_progressive=0.5).sampling_progressive == 0.5
+    assert DiffusionConfig(frame_noise_progressive=0.5, sample_frame_noise_progressive=0.99).sampling_progressive == 0.99
+    assert DiffusionConfig(frame_noise_progressive=0.5, sample_frame_noise_progressive=0.0).sampling_progressive == 0.0

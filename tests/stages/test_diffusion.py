@@ -94,23 +94,49 @@ def test_frame_noise_mixes_a_noise_common_to_the_frames():
     assert torch.equal(mixed[1], again[0])  # a sample's noise depends on its own seed only
 
 
-def test_training_noise_of_a_video_shares_the_configured_part():
+def _pair_correlation(noise: torch.Tensor, i: int, j: int) -> float:
+    """Correlation between frames i and j of ``b c f h w`` noise, over its batch and pixels."""
+    a, b = noise[:, :, i].flatten(), noise[:, :, j].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_progressive_frame_noise_correlates_frames_by_their_distance():
+    """ε_i = r ε_{i−1} + √(1 − r²) η_i: unit variance per frame, correlation r^k between frames k apart,
+    and with a shared part ρ, ρ + (1 − ρ) r^k."""
+    from stages.diffusion import frame_noise
+
+    shape = (3, 8, 64, 64)
+    plain = frame_noise(shape, stage_generators(list(range(8)), "decoder"), "cpu")
+    assert torch.equal(frame_noise(shape, stage_generators(list(range(8)), "decoder"), "cpu", progressive=0.0), plain)
+    noise = frame_noise(shape, stage_generators(list(range(8)), "decoder"), "cpu", progressive=0.9)
+    assert torch.equal(noise[:, :, 0], plain[:, :, 0])  # the first frame is the independent draw
+    for f in range(8):
+        assert abs(float(noise[:, :, f].std()) - 1.0) < 0.02, f
+    for k in (1, 2, 7):
+        assert abs(_pair_correlation(noise, 0, k) - 0.9**k) < 0.02, k
+    mixed = frame_noise(shape, stage_generators(list(range(8)), "decoder"), "cpu", shared=0.5, progressive=0.9)
+    for k in (1, 7):
+        assert abs(_pair_correlation(mixed, 0, k) - (0.5 + 0.5 * 0.9**k)) < 0.02, k
+    assert abs(float(mixed[:, :, 7].std()) - 1.0) < 0.02
+
+
+def test_training_noise_of_a_video_is_correlated_as_configured():
     seen = []
 
     def record(x_t, t):
         seen.append(x_t)
         return torch.zeros_like(x_t)
 
-    x0 = torch.zeros(2, 3, 4, 32, 32)
-    for shared in (0.0, 0.6):
-        cfg = DiffusionConfig(frame_noise_shared=shared)
+    x0 = torch.zeros(2, 3, 6, 32, 32)  # x_t = √(1 − ᾱ_t) ε: the noise's correlations, one scale per sample
+    for cfg in (DiffusionConfig(), DiffusionConfig(frame_noise_shared=0.6), DiffusionConfig(frame_noise_progressive=0.8)):
         training_loss(record, x0, cfg=cfg, generator=torch.Generator().manual_seed(0))
     assert abs(_frame_correlation(seen[0])) < 0.05
     assert abs(_frame_correlation(seen[1]) - 0.6) < 0.05
-    image = torch.zeros(2, 3, 1, 8, 8)  # an image has no frames to share noise across: plain ε
-    a = training_loss(record, image, cfg=DiffusionConfig(frame_noise_shared=0.6), generator=torch.Generator().manual_seed(1))
-    b = training_loss(record, image, cfg=DiffusionConfig(), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(seen[-1], seen[-2]) and a == b
+    assert abs(_pair_correlation(seen[2], 0, 1) - 0.8) < 0.05 and abs(_pair_correlation(seen[2], 0, 5) - 0.8**5) < 0.05
+    image = torch.zeros(2, 3, 1, 8, 8)  # an image has no frames to correlate noise across: plain ε
+    for cfg in (DiffusionConfig(frame_noise_shared=0.6, frame_noise_progressive=0.8), DiffusionConfig()):
+        training_loss(record, image, cfg=cfg, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(seen[-1], seen[-2])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -133,6 +133,28 @@ def test_eval_reports_both_models_per_prompt_and_overall(report, bundle):
     assert gif.size[0] == 3 * (2 * frames.shape[2] + 4)
 
 
+def test_eval_until_decoder_judges_the_keyframes(bundle, tmp_path):
+    """``--until decoder``: D^t's keyframes are judged, against ground truth at the keyframes' rate."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a blue square on a white background", "seed": 4}) + "\n")
+    assert run_eval(["--checkpoint", bundle[0], "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                     "--until", "decoder", "--no-baseline", "--judge-videos", "3"]) == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["until"] == "decoder" and set(rep["models"]) == {"video"}
+    frames, fps = decode_mp4(Path(rep["models"]["video"]["prompts"][0]["video"]).read_bytes())
+    d = load_bundle_config(bundle[0]).decoder
+    assert frames.shape[:3] == (d.frames, d.size, d.size) and fps == 5
+    assert (rep["judge"]["size"], rep["judge"]["frames"], rep["judge"]["fps"]) == (d.size, d.frames, 5.0)
+
+
+def test_judge_reference_moves_at_the_rate_of_the_judged_videos():
+    at_30, at_5 = evaluate.judge_accuracy(64, 16, 12), evaluate.judge_accuracy(64, 16, 12, fps=5)
+    assert (at_30["fps"], at_5["fps"]) == (30.0, 5.0)
+    # The same objects every sixth frame: six times the step per frame, less where a bounce cut a step short.
+    ratio = at_5["reference"]["displacement_mean"] / at_30["reference"]["displacement_mean"]
+    assert 5.0 < ratio <= 6.05
+
+
 def test_eval_refuses_prompts_it_cannot_judge(bundle, tmp_path):
     from workflows.cli import CliError
 
