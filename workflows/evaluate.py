@@ -16,10 +16,12 @@ classifier:
     of those two, a square fills the corners of its bounding box and a circle leaves them empty (the fill
     ratio of the whole box, square ≈ 1, circle ≈ π/4, triangle ≈ 1/2, is reported too, but a generated
     square's soft edges bring it down to ≈ 0.9, which the corners do not mind);
-  * position: the foreground's centroid, in units of the frame size.
+  * position: the foreground's centroid, in units of the frame size;
+  * objects: how many 4-connected parts of the foreground cover ``OBJECT_AREA`` of the frame or more.
 
 Per video: text fidelity (the majority colour / shape over the frames equals the prompt's), temporal
-coherence (share of frames showing the object, share agreeing with the majority colour / shape, and the
+coherence (share of frames showing the object, share agreeing with the majority colour / shape, share of
+those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it), and the
 frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
 a single jump dominates however smooth the rest of the video is; ``travel``, the distance
 from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
@@ -49,6 +51,7 @@ from workflows.synth import COLOURS, SHAPES, moving_video, parse_holdout
 FG_DISTANCE = 96        # foreground: some channel at least this far below white (255)
 OPEN_MIN_SIZE = 48      # frames at least this large are cleaned by a 3×3 opening (smaller shapes lose their tips)
 MIN_AREA = 0.004        # a frame shows an object when its foreground covers at least this share of it
+OBJECT_AREA = 0.01      # a connected part of the foreground this large (share of the frame) counts as an object
 OFFSET_TRIANGLE = 0.08  # centroid this far below the bounding box's middle (share of its height): a triangle
 CORNER = 0.12           # otherwise, the bounding box's four corner squares of this share of its side...
 CORNER_SQUARE = 0.5     # ...filled above this share: a square (≈ 1; a circle leaves them empty)
@@ -74,12 +77,32 @@ def _open3(mask: np.ndarray) -> np.ndarray:
     return apply(apply(mask, np.logical_and), np.logical_or)
 
 
+def _count_objects(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """Per frame of masks ``f h w``: how many 4-connected parts have at least ``min_pixels`` pixels. Each
+    pixel takes the largest label among itself and its neighbours until nothing changes."""
+    f, h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(1, h, w), 0)
+    while True:
+        p = np.pad(labels, ((0, 0), (1, 1), (1, 1)))
+        grown = np.where(mask, np.maximum.reduce([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1],
+                                                  p[:, 1:-1, :-2], p[:, 1:-1, 2:]]), 0)
+        if np.array_equal(grown, labels):
+            break
+        labels = grown
+    counts = np.zeros(f, dtype=np.int64)
+    for t in range(f):
+        _, sizes = np.unique(labels[t][labels[t] > 0], return_counts=True)
+        counts[t] = int((sizes >= min_pixels).sum())
+    return counts
+
+
 def judge_frames(video: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame judgement of a uint8 ``3 f h w`` video.
 
     Returns arrays over frames: ``present`` (bool), ``colour`` and ``shape`` (indices into COLOURS / SHAPES,
-    −1 where nothing is present), ``fill`` (foreground / bounding-box area), ``area`` (share of the frame)
-    and ``centroid`` (``f 2``: x, y in units of the frame size).
+    −1 where nothing is present), ``fill`` (foreground / bounding-box area), ``area`` (share of the frame),
+    ``objects`` (connected parts of the foreground of ``OBJECT_AREA`` or more) and ``centroid`` (``f 2``: x, y
+    in units of the frame size, of the whole foreground).
     """
     frames = np.ascontiguousarray(video.transpose(1, 2, 3, 0))  # f h w 3
     f, h, w, _ = frames.shape
@@ -108,7 +131,7 @@ def judge_frames(video: np.ndarray) -> dict[str, np.ndarray]:
         shape[t] = SHAPES.index(name)
         centroid[t] = (xx[m].mean() + 0.5) / w, (yy[m].mean() + 0.5) / h
     return {"present": present, "colour": colour, "shape": shape, "fill": fill, "area": area / (h * w),
-            "centroid": centroid}
+            "objects": _count_objects(mask, OBJECT_AREA * h * w), "centroid": centroid}
 
 
 def _majority(values: np.ndarray) -> int:
@@ -138,6 +161,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
         "present": float(present.mean()),
         "colour_identity": float((judged["colour"][present] == c_major).sum() / n),
         "shape_identity": float((judged["shape"][present] == s_major).sum() / n),
+        "one_object": float((judged["objects"][present] == 1).sum() / n),
         "displacement_mean": float(disp.mean()) if len(disp) else None,
         "displacement_var": float(disp.var()) if len(disp) else None,
         "acceleration_mean": float(accel.mean()) if len(accel) else None,
@@ -149,7 +173,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
 
 
 # The temporal figures, which the judge also reports for ground-truth videos (its ``reference``).
-COHERENCE_KEYS = ("present", "colour_identity", "shape_identity", "displacement_mean", "displacement_var",
+COHERENCE_KEYS = ("present", "colour_identity", "shape_identity", "one_object", "displacement_mean", "displacement_var",
                   "acceleration_mean", "largest_step", "travel", "straightness")
 SUMMARY_KEYS = ("colour_ok", "shape_ok", "colour_frames_ok", "shape_frames_ok", *COHERENCE_KEYS)
 
@@ -189,7 +213,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: floa
         "fill": {s: {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v))}
                  for s, v in fills.items() if v},
         "thresholds": {"fg_distance": FG_DISTANCE, "corner": CORNER, "corner_square": CORNER_SQUARE,
-                       "offset_triangle": OFFSET_TRIANGLE,
+                       "offset_triangle": OFFSET_TRIANGLE, "object_area": OBJECT_AREA,
                        "min_area": MIN_AREA, "open_min_size": OPEN_MIN_SIZE},
         "reference": {k: ref[k] for k in COHERENCE_KEYS},
     }
@@ -368,13 +392,13 @@ def plot(report: dict) -> bytes:
             d.text((x0 + 150 * (k % 3) + 14, 384 + 16 * (k // 3)), label, fill="black")
 
     names = ["colour\nseen", "colour\nheld-out", "shape\nseen", "shape\nheld-out", "colour\nidentity",
-             "shape\nidentity", "object\npresent"]
+             "shape\nidentity", "object\npresent", "one\nobject"]
     series = []
     for model, m in report["models"].items():
         series.append((model, colours[model], [m["seen"]["colour_accuracy"], m["held_out"]["colour_accuracy"],
                                                m["seen"]["shape_accuracy"], m["held_out"]["shape_accuracy"],
                                                m["overall"]["colour_identity"], m["overall"]["shape_identity"],
-                                               m["overall"]["present"]]))
+                                               m["overall"]["present"], m["overall"]["one_object"]]))
     panel(30, "text fidelity and identity across frames (share)", names, series, 1.0)
     motion = [("displacement_mean", "step\nmean"), ("displacement_var", "step\nstd"),
               ("acceleration_mean", "|2nd diff|\nmean"), ("largest_step", "largest\nstep")]

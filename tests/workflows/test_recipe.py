@@ -174,6 +174,7 @@ def test_judge_is_exact_on_ground_truth_synth_videos(size):
     assert j["fill"]["square"]["min"] == 1.0
     assert j["fill"]["triangle"]["max"] < j["fill"]["circle"]["min"]
     assert j["reference"]["present"] == 1.0 and j["reference"]["colour_identity"] == 1.0
+    assert j["reference"]["one_object"] == 1.0
 
 
 def test_judge_reads_colour_shape_and_position_of_one_frame():
@@ -186,6 +187,18 @@ def test_judge_reads_colour_shape_and_position_of_one_frame():
     blank = np.full((3, 2, 64, 64), 255, np.uint8)
     m = evaluate.video_metrics(evaluate.judge_frames(blank), "red", "circle")
     assert m["present"] == 0.0 and not m["colour_ok"] and m["displacement_mean"] is None
+
+
+def test_judge_counts_the_objects_of_a_frame():
+    """A second object, or a speck too small to be one, in frames of one moving square."""
+    rng = np.random.default_rng(1)
+    video = moving_video(rng, 64, 4, "blue", "square").copy()
+    second = draw("circle", "blue", cx=8.0, cy=8.0, r=6.0, size=64).transpose(2, 0, 1)
+    video[:, 1] = np.minimum(video[:, 1], second)
+    video[:, 2, 0:5, 59:64] = 0  # a 5x5 speck (25 pixels): foreground, too small for an object
+    j = evaluate.judge_frames(video)
+    assert j["objects"].tolist()[:3] == [1, 2, 1]
+    assert evaluate.video_metrics(j, "blue", "square")["one_object"] == 0.75
 
 
 def test_independent_frames_score_worse_coherence_than_motion():
