@@ -94,8 +94,9 @@ def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], dev
 
 
 def progressive_frame_noise(ind: torch.Tensor, r: float) -> torch.Tensor:
-    """Independent noise ``b c f h w`` -> PYoCo's progressive noise: ε_0 = η_0, ε_i = r ε_{i−1} + √(1 − r²) η_i,
-    an AR(1) process over frames, still N(0, I) per frame, correlated r^|i − j| between frames i and j."""
+    """Independent noise η ``b c f h w`` -> PYoCo's progressive noise: ε_0 = η_0,
+    ε_i = r ε_{i−1} + √(1 − r²) η_i, an AR(1) process over frames, still N(0, I) per frame, correlated
+    r^|i − j| between frames i and j."""
     if not r or ind.shape[2] < 2:
         return ind
     frames = [ind[:, :, 0]]

@@ -1,6 +1,7 @@
 """``mav eval``: does the model make the object the prompt asks for, moving coherently? Measured, not looked at.
 
     mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/shapes
+    mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/keyframes --until decoder
 
 Generates one video per prompt with the trained bundle (``video``: D^t and SR_l^t fine-tuned on unlabeled
 video) and with the image-only baseline (``image_baseline``: the bundle with the image-trained D and SR_l
@@ -21,13 +22,14 @@ classifier:
 
 Per video: text fidelity (the majority colour / shape over the frames equals the prompt's), temporal
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, share of
-those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it), and the
-frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
+those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it),
+and the frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
 a single jump dominates however smooth the rest of the video is; ``travel``, the distance
 from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
-path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The judge itself is
-scored on ground-truth videos rendered by synth.py at the same size and length (``judge`` in the report),
-with the same temporal figures as a reference. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
+path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The
+judge itself is scored on ground-truth videos rendered by synth.py at the same size, length and frame rate
+(``judge`` in the report), with the same temporal figures as a reference. ``--until decoder`` judges D^t's
+keyframes instead of the finished videos. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
 ``OUT/samples.png`` (frames of a few videos of each model), ``OUT/samples.gif`` (the trained model's first
 videos, playing) and ``OUT/videos/MODEL/*.mp4``. Held-out
 colour×shape pairs (``CHECKPOINT/_recipe/recipe.json`` or ``--holdout``) are reported separately.

@@ -128,7 +128,8 @@ def test_training_noise_of_a_video_is_correlated_as_configured():
         return torch.zeros_like(x_t)
 
     x0 = torch.zeros(2, 3, 6, 32, 32)  # x_t = √(1 − ᾱ_t) ε: the noise's correlations, one scale per sample
-    for cfg in (DiffusionConfig(), DiffusionConfig(frame_noise_shared=0.6), DiffusionConfig(frame_noise_progressive=0.8)):
+    configs = (DiffusionConfig(), DiffusionConfig(frame_noise_shared=0.6), DiffusionConfig(frame_noise_progressive=0.8))
+    for cfg in configs:
         training_loss(record, x0, cfg=cfg, generator=torch.Generator().manual_seed(0))
     assert abs(_frame_correlation(seen[0])) < 0.05
     assert abs(_frame_correlation(seen[1]) - 0.6) < 0.05
