@@ -80,7 +80,7 @@ def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, d
 def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32,
                 shared: float = 0.0, progressive: float = 0.0) -> torch.Tensor:
     """``len(generators) x shape`` noise for videos ``c f h w``, N(0, I) per frame but correlated between
-    frames: PYoCo's (Ge et al., 2023) mixed noise, ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind, with ρ = ``shared``,
+    frames: PYoCo's (Ge et al., 2023) mixed noise, ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind with ρ = ``shared``,
     whose per-frame part is their progressive noise when r = ``progressive`` > 0 (see
     :func:`progressive_frame_noise`). The mixed part gives the frames of one sample a common layout; the
     progressive part lets it drift, neighbours correlated ρ + (1 − ρ) r, frames k apart ρ + (1 − ρ) r^k.

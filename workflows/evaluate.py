@@ -48,7 +48,7 @@ import numpy as np
 
 from stages.checkpoint import CheckpointError, join, load_stage_config, write_bytes_atomic
 from stages.config import FRAME_STAGES, STAGE_NAMES
-from workflows.synth import COLOURS, SHAPES, moving_video, parse_holdout
+from workflows.synth import COLOURS, FPS, SHAPES, moving_video, parse_holdout
 
 FG_DISTANCE = 96        # foreground: some channel at least this far below white (255)
 OPEN_MIN_SIZE = 48      # frames at least this large are cleaned by a 3×3 opening (smaller shapes lose their tips)
@@ -58,7 +58,6 @@ OFFSET_TRIANGLE = 0.08  # centroid this far below the bounding box's middle (sha
 CORNER = 0.12           # otherwise, the bounding box's four corner squares of this share of its side...
 CORNER_SQUARE = 0.5     # ...filled above this share: a square (≈ 1; a circle leaves them empty)
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-SOURCE_FPS = 30         # the renderer's frame rate (synth.py's speeds are per frame at 30 fps)
 MODELS = ("video", "image_baseline")
 
 
@@ -190,11 +189,11 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: float = SOURCE_FPS) -> dict:
+def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: float = FPS) -> dict:
     """The judge on ground truth: ``videos`` synth.py videos (every colour×shape in turn) at ``size`` and
-    ``frames``, played at ``fps`` (every round(30 / fps)-th frame of the renderer's 30 fps): per-frame and
+    ``frames``, played at ``fps`` (every round(FPS / fps)-th frame of the renderer's FPS): per-frame and
     per-video accuracy, each shape's fill ratios, and the temporal figures of real motion (``reference``)."""
-    stride = max(1, round(SOURCE_FPS / fps))
+    stride = max(1, round(FPS / fps))
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     rows, colour_hits, shape_hits, n_frames = [], 0, 0, 0
@@ -209,7 +208,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: floa
         fills[shape] += judged["fill"][judged["present"]].tolist()
     ref = summarise(rows)
     return {
-        "size": size, "frames": frames, "fps": SOURCE_FPS / stride, "videos": videos,
+        "size": size, "frames": frames, "fps": FPS / stride, "videos": videos,
         "frame_colour_accuracy": colour_hits / n_frames, "frame_shape_accuracy": shape_hits / n_frames,
         "video_colour_accuracy": ref["colour_accuracy"], "video_shape_accuracy": ref["shape_accuracy"],
         "fill": {s: {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v))}

@@ -27,6 +27,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
+FPS = 30  # frame rate of the rendered videos
 
 
 def caption(colour: str, shape: str) -> str:
@@ -80,7 +81,7 @@ def moving_video(rng: np.random.Generator, size: int, frames: int, colour: str, 
     r = rng.uniform(0.15, 0.25) * size
     pos = rng.uniform(r, size - r, 2)
     angle = rng.uniform(0, 2 * np.pi)
-    speed = rng.uniform(0.2, 0.8) * size / 30  # pixels per frame at 30 fps
+    speed = rng.uniform(0.2, 0.8) * size / FPS  # pixels per frame at FPS
     vel = np.array([np.cos(angle), np.sin(angle)]) * speed
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
@@ -155,7 +156,7 @@ def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 9
         if progress:
             progress("images", written["images"], images)
     for i in range(videos):
-        write_bytes_atomic(join(out, "videos", f"video-{i:05d}.mp4"), encode_mp4(random_video(rng, size, frames), 30))
+        write_bytes_atomic(join(out, "videos", f"video-{i:05d}.mp4"), encode_mp4(random_video(rng, size, frames), FPS))
         written["videos"] += 1
         if progress:
             progress("videos", written["videos"], videos)

@@ -107,5 +107,6 @@ def test_progressive_frame_noise_is_checked_and_only_for_stages_with_frames():
             SRHighConfig(diffusion=DiffusionConfig(**{name: 0.5}))
     # Sampling takes the training r unless it sets its own.
     assert DiffusionConfig(frame_noise_progressive=0.5).sampling_progressive == 0.5
-    assert DiffusionConfig(frame_noise_progressive=0.5, sample_frame_noise_progressive=0.99).sampling_progressive == 0.99
+    sampled = DiffusionConfig(frame_noise_progressive=0.5, sample_frame_noise_progressive=0.99)
+    assert sampled.sampling_progressive == 0.99
     assert DiffusionConfig(frame_noise_progressive=0.5, sample_frame_noise_progressive=0.0).sampling_progressive == 0.0
