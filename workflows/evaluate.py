@@ -363,11 +363,11 @@ def _png(img) -> bytes:
 
 def plot(report: dict) -> bytes:
     """A PNG of the report's figures: grouped bars per model (seen / held-out prompts), and the motion
-    figures beside the ground truth's."""
+    figures (per frame; over the whole video) beside the ground truth's."""
     from PIL import Image, ImageDraw
 
     colours = {"video": (40, 90, 200), "image_baseline": (220, 120, 30), "ground truth": (90, 90, 90)}
-    img = Image.new("RGB", (980, 420), "white")
+    img = Image.new("RGB", (1470, 420), "white")
     d = ImageDraw.Draw(img)
 
     def panel(x0, title, names, series, top):
@@ -401,18 +401,20 @@ def plot(report: dict) -> bytes:
                                                m["overall"]["colour_identity"], m["overall"]["shape_identity"],
                                                m["overall"]["present"], m["overall"]["one_object"]]))
     panel(30, "text fidelity and identity across frames (share)", names, series, 1.0)
-    motion = [("displacement_mean", "step\nmean"), ("displacement_var", "step\nstd"),
-              ("acceleration_mean", "|2nd diff|\nmean"), ("largest_step", "largest\nstep")]
+    per_frame = [("displacement_mean", "step\nmean"), ("displacement_var", "step\nstd"),
+                 ("acceleration_mean", "|2nd diff|\nmean"), ("largest_step", "largest\nstep")]
+    whole = [("travel", "travel\nfirst-last"), ("straightness", "straight-\nness")]
 
-    def values(figures):
+    def values(figures, motion):
         return [None if figures[k] is None else (figures[k] ** 0.5 if k.endswith("var") else figures[k])
                 for k, _ in motion]
 
-    series = [(model, colours[model], values(m["overall"])) for model, m in report["models"].items()]
-    series.append(("ground truth", colours["ground truth"], values(report["judge"]["reference"])))
-    top = max([v for _, _, vs in series for v in vs if v is not None] + [1e-3])
-    panel(520, "centroid motion per frame, frame sizes (std, 2nd diff, largest: lower = smoother)", [n for _, n in motion],
-          series, top)
+    for x0, title, motion in ((520, "per frame, frame sizes (std, 2nd diff, largest: lower = smoother)", per_frame),
+                              (1010, "over the video: travel (frame sizes), travel / path length", whole)):
+        series = [(model, colours[model], values(m["overall"], motion)) for model, m in report["models"].items()]
+        series.append(("ground truth", colours["ground truth"], values(report["judge"]["reference"], motion)))
+        top = max([v for _, _, vs in series for v in vs if v is not None] + [1e-3])
+        panel(x0, title, [n for _, n in motion], series, top)
     return _png(img)
 
 
