@@ -160,12 +160,15 @@ class UNetConfig:
     temporal: bool = True                 # pseudo-3D layers: temporal conv after each 2D conv, temporal attention after each spatial one
     temporal_kernel: int = 3              # 1D temporal conv kernel size (odd)
     temporal_heads: int = 4
+    temporal_fps: bool = False            # fps also reaches every temporal layer (stages/temporal.py; D^t, ↑F)
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.block_out_channels):
             raise ConfigError(
                 f"attention has {len(self.attention)} entries but block_out_channels has {len(self.block_out_channels)}"
             )
+        if self.temporal_fps and not self.temporal:
+            raise ConfigError("temporal_fps needs temporal layers (temporal: true)")
         if self.temporal_kernel % 2 != 1:
             raise ConfigError(f"temporal_kernel must be odd, got {self.temporal_kernel}")
         for c in self.block_out_channels:

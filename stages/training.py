@@ -201,16 +201,21 @@ def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4) -> VideoUNet:
-    """The image network made pseudo-3D in place (temporal layers at identity); returns it."""
+def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4, fps: bool = False) -> VideoUNet:
+    """The image network made pseudo-3D in place (temporal layers at identity; with ``fps``, reading the
+    frame rate too: ``UNetConfig.temporal_fps``); returns it."""
     from dataclasses import replace
 
     from stages.temporal import inflate
+    from stages.unet import temporal_fps_dim
 
     if net.cfg.temporal:
         raise ValueError("network is already pseudo-3D")
-    net.frame_context = inflate(net.unet, kernel=kernel, heads=heads)
-    net.cfg = replace(net.cfg, temporal=True, temporal_kernel=kernel, temporal_heads=heads)
+    if fps and net.fps_embed is None:
+        raise ValueError("temporal_fps needs a network conditioned on fps (D^t, ↑F)")
+    cfg = replace(net.cfg, temporal=True, temporal_kernel=kernel, temporal_heads=heads, temporal_fps=fps)
+    net.frame_context = inflate(net.unet, kernel=kernel, heads=heads, fps_dim=temporal_fps_dim(cfg))
+    net.cfg = cfg
     return net
 
 

@@ -82,14 +82,16 @@ def initial_network(job: TrainJob):
             # Image training: the 2D network, making independent frames; inflation and the correlation of
             # the frames' noise come with video fine-tuning.
             independent = {k: getattr(DiffusionConfig(), k) for k in FRAME_NOISE_FIELDS}
-            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False), diffusion=replace(cfg.diffusion, **independent))
+            cfg = replace(cfg, unet=replace(cfg.unet, temporal=False, temporal_fps=False),
+                          diffusion=replace(cfg.diffusion, **independent))
         return cfg, cascade.build_stage(produced, cfg)
     if not job.init:
         raise ConfigError(f"{job.stage} starts from a trained {init_stage} stage: pass --init BUNDLE")
     init_cfg, net = load_stage(job.init, init_stage)
     target = getattr(preset, produced)
     if not net.cfg.temporal:
-        net = training.inflate_network(net, kernel=target.unet.temporal_kernel, heads=target.unet.temporal_heads)
+        net = training.inflate_network(net, kernel=target.unet.temporal_kernel, heads=target.unet.temporal_heads,
+                                       fps=target.unet.temporal_fps)
     if job.stage == "interpolation":
         from stages.unet import widen_input
 

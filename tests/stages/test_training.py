@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from stages.config import UNetConfig
@@ -31,10 +32,12 @@ def _net() -> VideoUNet:
     return net.eval()
 
 
-def test_inflated_image_network_equals_it_frame_by_frame():
+@pytest.mark.parametrize("fps", [False, True], ids=["plain", "temporal-fps"])
+def test_inflated_image_network_equals_it_frame_by_frame(fps):
     image_net = _net()
-    video_net = inflate_network(copy.deepcopy(image_net), kernel=3, heads=2).eval()
-    assert video_net.cfg.temporal
+    video_net = inflate_network(copy.deepcopy(image_net), kernel=3, heads=2, fps=fps).eval()
+    assert video_net.cfg.temporal and video_net.cfg.temporal_fps == fps
+    assert any(".temporal_fps." in n for n, _ in video_net.named_parameters()) == fps
     x = torch.randn(2, 3, 5, 16, 16)
     kw = {"image_embeds": torch.randn(2, 12), "fps": torch.tensor([4.0, 20.0])}
     t = torch.tensor([10, 900])
@@ -42,6 +45,11 @@ def test_inflated_image_network_equals_it_frame_by_frame():
         video = video_net(x, t, **kw)
         frames = torch.cat([image_net(x[:, :, i : i + 1], t, **kw) for i in range(5)], dim=2)
     assert (video - frames).abs().max() < 1e-5
+
+
+def test_inflation_with_fps_needs_an_fps_conditioned_network():
+    with pytest.raises(ValueError, match="conditioned on fps"):
+        inflate_network(VideoUNet(CFG2D), kernel=3, heads=2, fps=True)
 
 
 def test_fps_schedule_moves_from_high_to_low():
