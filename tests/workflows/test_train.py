@@ -246,3 +246,30 @@ def test_video_stages_give_temporal_layers_their_own_learning_rate(tiny_config):
         TrainConfig(temporal_lr_scale=0)
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         TrainConfig(min_snr_gamma=-1)
+
+
+def test_fps_reaches_the_temporal_layers_from_video_fine_tuning_on(tiny_config, tmp_path):
+    """With the preset's ``temporal_fps``, the image decoder is a plain 2D network; decoder-video inflates it
+    with fps-reading temporal layers that start as no-ops, and ↑F inherits them from D^t."""
+    from stages.checkpoint import save_stage
+    from stages.config import dump_yaml
+    from workflows.train import initial_network
+
+    unet = dataclasses.replace(tiny_config.decoder.unet, temporal_fps=True)
+    preset = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, unet=unet))
+    path = tmp_path / "preset.yaml"
+    path.write_text(dump_yaml(preset))
+    job = dict(data=("unused",), output="unused", config=CONFIG, preset=str(path))
+    image_cfg, image_net = initial_network(TrainJob(stage="decoder", **job))
+    assert not image_cfg.unet.temporal and not image_cfg.unet.temporal_fps
+    save_stage(str(tmp_path / "image"), "decoder", image_cfg, image_net)
+    cfg, net = initial_network(TrainJob(stage="decoder-video", init=str(tmp_path / "image"), **job))
+    assert cfg.unet.temporal_fps and any(".temporal_fps." in n for n in temporal_parameter_names(net))
+    x = torch.randn(1, 3, 4, 8, 8)
+    kw = {"image_embeds": torch.randn(1, 32), "fps": torch.tensor([6.0])}
+    with torch.no_grad():
+        frames = torch.cat([image_net.eval()(x[:, :, i : i + 1], torch.tensor([500]), **kw) for i in range(4)], 2)
+        assert (net.eval()(x, torch.tensor([500]), **kw) - frames).abs().max() < 1e-5
+    save_stage(str(tmp_path / "video"), "decoder", cfg, net)
+    interp_cfg, _ = initial_network(TrainJob(stage="interpolation", init=str(tmp_path / "video"), **job))
+    assert interp_cfg.unet.temporal_fps
