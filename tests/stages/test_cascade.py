@@ -63,6 +63,26 @@ def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
 
 
 @torch.inference_mode()
+def test_decode_with_fps_in_the_temporal_layers(tiny_config):
+    """D^t with ``temporal_fps`` samples through classifier-free guidance: each video by its own fps and seed,
+    whatever else is in the batch; trained fps projections make the fps change the keyframes."""
+    from dataclasses import replace
+
+    cfg = replace(tiny_config.decoder, unet=replace(tiny_config.decoder.unet, temporal_fps=True))
+    torch.manual_seed(0)
+    net = cascade.build_stage("decoder", cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    for n, p in net.named_parameters():
+        if ".temporal_fps." in n or ".fps_proj." in n or ".temporal_attn.to_out." in n or "fps_embed" in n:
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    y = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(2)), dim=-1)
+    both = cascade.decode(net, cfg, y, torch.tensor([3.0, 24.0]), [5, 6])
+    # batched float reductions may differ in the last bits
+    assert (both[1:] - cascade.decode(net, cfg, y[1:], torch.tensor([24.0]), [6])).abs().max() < 1e-4
+    assert (both[:1] - cascade.decode(net, cfg, y[:1], torch.tensor([24.0]), [5])).abs().max() > 1e-2
+
+
+@torch.inference_mode()
 def test_interpolation_can_output_its_own_rendering_of_the_keyframes(nets, tiny_config):
     """keep_given_frames false: the same sample, with ↑F's output also at the keyframes' positions."""
     from dataclasses import replace
