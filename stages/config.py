@@ -212,6 +212,8 @@ class SuperResConfig:
             raise ConfigError(f"out_size={self.out_size} must exceed in_size={self.in_size}")
         if self.unet.cross_attention_dim is not None:
             raise ConfigError("super-resolution networks take no context tokens: set unet.cross_attention_dim to null")
+        if self.unet.temporal_fps:
+            raise ConfigError("super-resolution networks are not conditioned on fps: set unet.temporal_fps to false")
         if not 0 <= self.noise_level < self.diffusion.train_timesteps:
             raise ConfigError(f"noise_level must be in 0..{self.diffusion.train_timesteps - 1}, got {self.noise_level}")
 

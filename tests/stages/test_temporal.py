@@ -209,3 +209,7 @@ def test_temporal_fps_needs_fps_and_temporal_layers():
     cfg = dataclasses.replace(_cfg(16), temporal_fps=True)
     with pytest.raises(ValueError, match="temporal_fps needs a network conditioned on fps"):
         VideoUNet(cfg)
+    from stages.config import SRLowConfig
+
+    with pytest.raises(ConfigError, match="not conditioned on fps: set unet.temporal_fps to false"):
+        SRLowConfig(unet=dataclasses.replace(_cfg(None), temporal_fps=True))
