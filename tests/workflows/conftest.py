@@ -19,3 +19,16 @@ def ray_session(s3_server):
         ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """This process computes on one thread, as the suite's stage actors and replicas do (they ask for under
+    one CPU): float reductions round differently on another thread count, so only then do ``mav generate``'s
+    bytes match theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
