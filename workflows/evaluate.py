@@ -24,7 +24,8 @@ Per video: text fidelity (the majority colour / shape over the frames equals the
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, share of
 those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it),
 and the frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
-a single jump dominates however smooth the rest of the video is; ``travel``, the distance
+a single jump dominates however smooth the rest of the video is (steps run between successive frames showing the
+object, so one across frames where it is missing counts as a step: vanishing and reappearing elsewhere is a jump); ``travel``, the distance
 from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
 path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The
 judge itself is scored on ground-truth videos rendered by synth.py at the same size, length and frame rate
@@ -145,13 +146,13 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
     present = judged["present"]
     c_major, s_major = _majority(judged["colour"]), _majority(judged["shape"])
     n = max(int(present.sum()), 1)
-    c = judged["centroid"]
-    both = present[1:] & present[:-1]
-    disp = np.linalg.norm(c[1:] - c[:-1], axis=1)[both]
-    three = present[2:] & present[1:-1] & present[:-2]
-    accel = np.linalg.norm(c[2:] - 2 * c[1:-1] + c[:-2], axis=1)[three]
+    # The path through the frames that show the object: an object that vanishes and reappears elsewhere has
+    # jumped, however many blank frames lie between, so a step spans them (and travel <= path length).
     shown = np.flatnonzero(present)
-    travel = float(np.linalg.norm(c[shown[-1]] - c[shown[0]])) if len(shown) > 1 else None
+    c = judged["centroid"][shown]
+    disp = np.linalg.norm(c[1:] - c[:-1], axis=1)
+    accel = np.linalg.norm(c[2:] - 2 * c[1:-1] + c[:-2], axis=1)
+    travel = float(np.linalg.norm(c[-1] - c[0])) if len(shown) > 1 else None
     return {
         "colour": list(COLOURS)[c_major] if c_major >= 0 else None,
         "shape": SHAPES[s_major] if s_major >= 0 else None,

@@ -224,6 +224,19 @@ def test_largest_step_catches_one_jump_in_smooth_motion():
     assert report["largest_step"] == pytest.approx(m["largest_step"])
 
 
+def test_a_jump_across_frames_without_the_object_is_a_step():
+    """Smooth motion, the object gone for three frames, back 20 px away: one step, not an unseen one."""
+    from workflows.synth import draw
+
+    xs = [16 + 2 * t for t in range(6)] + [None] * 3 + [46 + 2 * t for t in range(6)]
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    video = np.stack([draw("square", "green", x, 32, 6, 64) if x else blank for x in xs]).transpose(3, 0, 1, 2)
+    m = evaluate.video_metrics(evaluate.judge_frames(video), "green", "square")
+    assert m["present"] == pytest.approx(12 / 15)
+    assert abs(m["largest_step"] - 20 / 64) < 0.01
+    assert m["straightness"] == pytest.approx(1.0, abs=0.01) and abs(m["travel"] - 40 / 64) < 0.01
+
+
 def test_straightness_tells_motion_from_jitter_in_place():
     from workflows.synth import draw
 
