@@ -24,9 +24,10 @@ Per video: text fidelity (the majority colour / shape over the frames equals the
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, share of
 those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it),
 and the frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
-a single jump dominates however smooth the rest of the video is (steps run between successive frames showing the
-object, so one across frames where it is missing counts as a step: vanishing and reappearing elsewhere is a jump); ``travel``, the distance
-from the first frame's centroid to the last's, and ``straightness``, travel / path length: 1 for a straight
+a single jump dominates however smooth the rest of the video is, and ``jump``, whether it exceeds ``JUMP_STEP``
+(steps run between successive frames showing the object, so one across frames where it is missing counts as a
+step: vanishing and reappearing elsewhere is a jump); ``travel``, the distance from the first frame's centroid
+to the last's, and ``straightness``, travel / path length: 1 for a straight
 path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The
 judge itself is scored on ground-truth videos rendered by synth.py at the same size, length and frame rate
 (``judge`` in the report), with the same temporal figures as a reference. ``--until decoder`` judges D^t's
@@ -55,6 +56,7 @@ FG_DISTANCE = 96        # foreground: some channel at least this far below white
 OPEN_MIN_SIZE = 48      # frames at least this large are cleaned by a 3×3 opening (smaller shapes lose their tips)
 MIN_AREA = 0.004        # a frame shows an object when its foreground covers at least this share of it
 OBJECT_AREA = 0.01      # a connected part of the foreground this large (share of the frame) counts as an object
+JUMP_STEP = 0.2         # a longer centroid step (share of the frame) is a jump; real 5 fps keyframes' largest: 0.12
 OFFSET_TRIANGLE = 0.08  # centroid this far below the bounding box's middle (share of its height): a triangle
 CORNER = 0.12           # otherwise, the bounding box's four corner squares of this share of its side...
 CORNER_SQUARE = 0.5     # ...filled above this share: a square (≈ 1; a circle leaves them empty)
@@ -168,6 +170,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
         "displacement_var": float(disp.var()) if len(disp) else None,
         "acceleration_mean": float(accel.mean()) if len(accel) else None,
         "largest_step": float(disp.max()) if len(disp) else None,
+        "jump": bool(disp.max() > JUMP_STEP) if len(disp) else None,
         "travel": travel,
         "straightness": travel / float(disp.sum()) if travel is not None and disp.sum() > 0 else None,
         "fill_median": float(np.median(judged["fill"][present])) if present.any() else None,
@@ -176,7 +179,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
 
 # The temporal figures, which the judge also reports for ground-truth videos (its ``reference``).
 COHERENCE_KEYS = ("present", "colour_identity", "shape_identity", "one_object", "displacement_mean", "displacement_var",
-                  "acceleration_mean", "largest_step", "travel", "straightness")
+                  "acceleration_mean", "largest_step", "jump", "travel", "straightness")
 SUMMARY_KEYS = ("colour_ok", "shape_ok", "colour_frames_ok", "shape_frames_ok", *COHERENCE_KEYS)
 
 
@@ -337,7 +340,8 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
         o = report["models"][model]["overall"]
         log(f"[eval] {model}: {len(rows)} videos in {seconds:.0f}s; colour {o['colour_accuracy']:.0%}, "
             f"shape {o['shape_accuracy']:.0%}, displacement {_fmt(o['displacement_mean'])} "
-            f"± {_fmt(o['displacement_var'], sqrt=True)}, largest step {_fmt(o['largest_step'])}")
+            f"± {_fmt(o['displacement_var'], sqrt=True)}, largest step {_fmt(o['largest_step'])}, "
+            f"{_fmt_share(o['jump'])} of videos jump")
     _, f, h, _ = samples["video"][0].shape
     report["judge"] = judge_accuracy(h, f, spec.judge_videos, fps=rates["video"][0])
     j = report["judge"]
@@ -352,6 +356,10 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
 
 def _fmt(value, sqrt: bool = False) -> str:
     return "n/a" if value is None else f"{(value ** 0.5 if sqrt else value):.4f}"
+
+
+def _fmt_share(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -527,6 +535,6 @@ def cmd_eval(args) -> int:
                       f"shape {g['shape_accuracy']:.0%}  "
                       f"identity {g['colour_identity']:.0%}/{g['shape_identity']:.0%}  "
                       f"step {_fmt(g['displacement_mean'])} ± {_fmt(g['displacement_var'], sqrt=True)}  "
-                      f"largest {_fmt(g['largest_step'])}",
+                      f"largest {_fmt(g['largest_step'])}  jumps {_fmt_share(g['jump'])}",
                       file=sys.stderr)
     return 0

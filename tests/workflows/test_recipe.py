@@ -218,10 +218,14 @@ def test_largest_step_catches_one_jump_in_smooth_motion():
     xs = [16 + 2 * t for t in range(6)] + [44 + 2 * t for t in range(6)]  # 2 px a frame, one jump of 18 px
     video = np.stack([draw("square", "green", x, 32, 6, 64) for x in xs]).transpose(3, 0, 1, 2)
     m = evaluate.video_metrics(evaluate.judge_frames(video), "green", "square")
-    assert abs(m["largest_step"] - 18 / 64) < 0.01
+    assert abs(m["largest_step"] - 18 / 64) < 0.01 and m["jump"]
     assert m["displacement_mean"] < 0.5 * m["largest_step"]
-    report = evaluate.summarise([m, m])
-    assert report["largest_step"] == pytest.approx(m["largest_step"])
+    smooth = np.stack([draw("square", "green", 16 + 2 * t, 32, 6, 64) for t in range(12)]).transpose(3, 0, 1, 2)
+    s = evaluate.video_metrics(evaluate.judge_frames(smooth), "green", "square")
+    assert not s["jump"]
+    report = evaluate.summarise([m, m, s, s])
+    assert report["largest_step"] == pytest.approx((m["largest_step"] + s["largest_step"]) / 2)
+    assert report["jump"] == 0.5  # the share of videos with a jump
 
 
 def test_a_jump_across_frames_without_the_object_is_a_step():
