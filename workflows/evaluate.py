@@ -23,12 +23,12 @@ classifier:
 Per video: text fidelity (the majority colour / shape over the frames equals the prompt's), temporal
 coherence (share of frames showing the object, share agreeing with the majority colour / shape, share of
 those showing exactly one object (``one_object``: a second object appearing, or one splitting, lowers it),
-and the frame-to-frame centroid displacement: mean, variance, mean |second difference| and the largest step, which
-a single jump dominates however smooth the rest of the video is, and ``jump``, whether it exceeds ``JUMP_STEP``
-(steps run between successive frames showing the object, so one across frames where it is missing counts as a
-step: vanishing and reappearing elsewhere is a jump); ``travel``, the distance from the first frame's centroid
-to the last's, and ``straightness``, travel / path length: 1 for a straight
-path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The
+and the centroid's step from each frame showing the object to the next one that does (across frames where it is
+missing: vanishing and reappearing elsewhere is a jump): mean, variance, mean |second difference| and the largest
+step, which a single jump dominates however smooth the rest of the video is, and ``jump``, whether that exceeds
+``JUMP_STEP``; ``travel``, the distance from the first frame's centroid to the last's, and ``straightness``,
+travel / path length: 1 for a straight path, near 0 for an object that jitters in place, so that stillness does
+not pass for smooth motion). The
 judge itself is scored on ground-truth videos rendered by synth.py at the same size, length and frame rate
 (``judge`` in the report), with the same temporal figures as a reference. ``--until decoder`` judges D^t's
 keyframes instead of the finished videos. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
