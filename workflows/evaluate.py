@@ -50,7 +50,7 @@ import numpy as np
 
 from stages.checkpoint import CheckpointError, join, load_stage_config, write_bytes_atomic
 from stages.config import FRAME_STAGES, STAGE_NAMES
-from workflows.synth import COLOURS, FPS, SHAPES, moving_video, parse_holdout
+from workflows.synth import COLOURS, FPS, SHAPES, SPEED, check_speed, moving_video, parse_holdout
 
 FG_DISTANCE = 96        # foreground: some channel at least this far below white (255)
 OPEN_MIN_SIZE = 48      # frames at least this large are cleaned by a 3×3 opening (smaller shapes lose their tips)
@@ -193,10 +193,12 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: float = FPS) -> dict:
-    """The judge on ground truth: ``videos`` synth.py videos (every colour×shape in turn) at ``size`` and
-    ``frames``, played at ``fps`` (every round(FPS / fps)-th frame of the renderer's FPS): per-frame and
-    per-video accuracy, each shape's fill ratios, and the temporal figures of real motion (``reference``)."""
+def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: float = FPS,
+                   speed: tuple[float, float] = SPEED) -> dict:
+    """The judge on ground truth: ``videos`` synth.py videos (every colour×shape in turn, moving at ``speed``)
+    at ``size`` and ``frames``, played at ``fps`` (every round(FPS / fps)-th frame of the renderer's FPS):
+    per-frame and per-video accuracy, each shape's fill ratios, and the temporal figures of real motion
+    (``reference``)."""
     stride = max(1, round(FPS / fps))
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLOURS for s in SHAPES]
@@ -204,7 +206,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: floa
     fills: dict[str, list[float]] = {s: [] for s in SHAPES}
     for i in range(videos):
         colour, shape = combos[i % len(combos)]
-        judged = judge_frames(moving_video(rng, size, (frames - 1) * stride + 1, colour, shape)[:, ::stride])
+        judged = judge_frames(moving_video(rng, size, (frames - 1) * stride + 1, colour, shape, speed)[:, ::stride])
         rows.append(video_metrics(judged, colour, shape))
         colour_hits += int((judged["colour"] == list(COLOURS).index(colour)).sum())
         shape_hits += int((judged["shape"] == SHAPES.index(shape)).sum())
@@ -212,7 +214,7 @@ def judge_accuracy(size: int, frames: int, videos: int, seed: int = 0, fps: floa
         fills[shape] += judged["fill"][judged["present"]].tolist()
     ref = summarise(rows)
     return {
-        "size": size, "frames": frames, "fps": FPS / stride, "videos": videos,
+        "size": size, "frames": frames, "fps": FPS / stride, "videos": videos, "speed": list(speed),
         "frame_colour_accuracy": colour_hits / n_frames, "frame_shape_accuracy": shape_hits / n_frames,
         "video_colour_accuracy": ref["colour_accuracy"], "video_shape_accuracy": ref["shape_accuracy"],
         "fill": {s: {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v))}
@@ -265,6 +267,7 @@ class EvalSpec:
     batch_size: int = 4
     judge_videos: int = 54                      # ground-truth videos the judge is scored on
     until: str = "sr_high"                      # the last stage run: its output is judged (decoder: keyframes)
+    speed: tuple[float, float] = SPEED          # the ground truth's speeds (the videos the bundle learned from)
 
 
 def default_baseline(checkpoint: str) -> str | None:
@@ -283,6 +286,14 @@ def default_holdout(checkpoint: str) -> tuple[tuple[str, str], ...]:
 
     state = read_state(checkpoint)
     return tuple(parse_holdout(state["settings"]["holdout"])) if state else ()
+
+
+def default_speed(checkpoint: str) -> tuple[float, float]:
+    """The speeds of the recipe's videos (from CHECKPOINT/_recipe/recipe.json), else synth.py's."""
+    from workflows.recipe import read_state
+
+    state = read_state(checkpoint)
+    return check_speed(state["settings"]["data"].get("speed", SPEED)) if state else SPEED
 
 
 def read_requests(spec: EvalSpec) -> list:
@@ -343,7 +354,7 @@ def evaluate(spec: EvalSpec, log=None) -> dict:
             f"± {_fmt(o['displacement_var'], sqrt=True)}, largest step {_fmt(o['largest_step'])}, "
             f"{_fmt_share(o['jump'])} of videos jump")
     _, f, h, _ = samples["video"][0].shape
-    report["judge"] = judge_accuracy(h, f, spec.judge_videos, fps=rates["video"][0])
+    report["judge"] = judge_accuracy(h, f, spec.judge_videos, fps=rates["video"][0], speed=spec.speed)
     j = report["judge"]
     log(f"[eval] judge on {j['videos']} ground-truth videos ({h}px, {f} frames at {j['fps']:g} fps): "
         f"colour {j['frame_colour_accuracy']:.1%}, shape {j['frame_shape_accuracy']:.1%} of frames")
@@ -498,6 +509,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--fps", type=int, default=5, help="keyframe rate of rows without an fps column (default 5)")
     ev.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
     ev.add_argument("--judge-videos", type=int, default=54, help="ground-truth videos the judge is scored on")
+    ev.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="speeds of the ground-truth videos, frame widths per second (default: the recipe's, "
+                         "from CHECKPOINT/_recipe/recipe.json)")
     ev.add_argument("--until", choices=FRAME_STAGES, default="sr_high",
                     help="judge the cascade's output after this stage (decoder: D^t's keyframes; default sr_high, "
                          "the finished video)")
@@ -515,11 +529,12 @@ def cmd_eval(args) -> int:
         if baseline is not None:
             load_stage_config(baseline, "decoder")
         holdout = tuple(parse_holdout(args.holdout)) if args.holdout is not None else default_holdout(args.checkpoint)
+        speed = check_speed(args.speed) if args.speed is not None else default_speed(args.checkpoint)
         if args.judge_videos < 1:
             raise ValueError(f"--judge-videos must be >= 1, got {args.judge_videos}")
         spec = EvalSpec(checkpoint=args.checkpoint, prompts=tuple(args.prompts), out=args.out, baseline=baseline,
                         holdout=holdout, seed=args.seed, steps=args.steps, fps=args.fps, batch_size=args.batch_size,
-                        judge_videos=args.judge_videos, until=args.until)
+                        judge_videos=args.judge_videos, until=args.until, speed=speed)
         read_requests(spec)
     except (CheckpointError, InputError, ValueError) as e:
         raise CliError(str(e)) from None

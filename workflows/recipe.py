@@ -38,6 +38,7 @@ from stages.checkpoint import CheckpointError, join, load_stage, save_stage, wri
 from stages.config import ConfigError, from_dict, to_dict, yaml_problem
 from stages.training import STAGE_OF, TrainConfig
 from workflows.presets import load_preset
+from workflows.synth import SPEED, check_speed
 
 RECIPE_ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
 IMAGE_DIR = "_image"        # the image-trained stages that video fine-tuning replaces: the baseline
@@ -53,7 +54,14 @@ class DataSpec:
     videos: int = 300               # uncaptioned videos
     size: int = 64                  # image and video height = width, pixels
     frames: int = 96                # frames per video, at 30 fps
+    speed: tuple[float, float] = SPEED  # the shapes' speeds, frame widths per second (low, high)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            check_speed(self.speed)
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +181,7 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
         t0 = time.perf_counter()
         d = recipe.data
         written = synth(data, images=d.images, videos=d.videos, size=d.size, frames=d.frames, seed=d.seed,
-                        holdout=parse_holdout(recipe.holdout))
+                        holdout=parse_holdout(recipe.holdout), speed=d.speed)
         steps["synth"] = {"seconds": round(time.perf_counter() - t0, 1), **written}
         _write_state(output, state)
     for stage in RECIPE_ORDER:

@@ -28,6 +28,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 FPS = 30  # frame rate of the rendered videos
+SPEED = (0.2, 0.8)  # speeds of the moving shapes, frame widths per second
 
 
 def caption(colour: str, shape: str) -> str:
@@ -68,20 +69,22 @@ def random_image(rng: np.random.Generator, size: int, combos: list[tuple[str, st
     return draw(shape, colour, cx, cy, r, size), caption(colour, shape)
 
 
-def random_video(rng: np.random.Generator, size: int, frames: int) -> np.ndarray:
+def random_video(rng: np.random.Generator, size: int, frames: int, speed: tuple[float, float] = SPEED) -> np.ndarray:
     """uint8 ``3 f h w``: a random shape of a random colour moving (see :func:`moving_video`)."""
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
-    return moving_video(rng, size, frames, colour, shape)
+    return moving_video(rng, size, frames, colour, shape, speed)
 
 
-def moving_video(rng: np.random.Generator, size: int, frames: int, colour: str, shape: str) -> np.ndarray:
+def moving_video(rng: np.random.Generator, size: int, frames: int, colour: str, shape: str,
+                 speed: tuple[float, float] = SPEED) -> np.ndarray:
     """uint8 ``3 f h w``: one ``colour`` ``shape`` moving in a straight line at constant speed, bouncing off
-    the edges; its radius, start and velocity are drawn from ``rng``."""
+    the edges; its radius, start, direction and speed (uniform in ``speed``, frame widths per second at
+    ``FPS``) are drawn from ``rng``."""
     r = rng.uniform(0.15, 0.25) * size
     pos = rng.uniform(r, size - r, 2)
     angle = rng.uniform(0, 2 * np.pi)
-    speed = rng.uniform(0.2, 0.8) * size / FPS  # pixels per frame at FPS
+    speed = rng.uniform(*speed) * size / FPS  # pixels per frame at FPS
     vel = np.array([np.cos(angle), np.sin(angle)]) * speed
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
@@ -109,9 +112,22 @@ def parse_holdout(items) -> list[tuple[str, str]]:
     return [parse_combo(text) for text in items]
 
 
+def check_speed(speed) -> tuple[float, float]:
+    """``(low, high)`` frame widths per second, 0 < low <= high; ValueError otherwise."""
+    try:
+        low, high = (float(v) for v in speed)
+    except (TypeError, ValueError):
+        raise ValueError(f"speed must be two numbers, frame widths per second (low, high), got {speed!r}") from None
+    if not 0 < low <= high:
+        raise ValueError(f"speed must satisfy 0 < low <= high, got {low:g}, {high:g}")
+    return low, high
+
+
 def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 96, fmt: str = "parquet",
-          shard: int = 256, seed: int = 0, holdout: list[tuple[str, str]] | None = None, progress=None) -> dict:
-    """Write the synthetic data set under ``out``; ``holdout`` colour×shape pairs get no captioned image.
+          shard: int = 256, seed: int = 0, holdout: list[tuple[str, str]] | None = None,
+          speed: tuple[float, float] = SPEED, progress=None) -> dict:
+    """Write the synthetic data set under ``out``; ``holdout`` colour×shape pairs get no captioned image;
+    the videos' shapes move at ``speed`` (low, high) frame widths per second.
 
     Held-out pairs still move in the uncaptioned videos (the video stages never see a caption), so only the
     text side (CLIP, the prior) never meets them: that is what compositional generalisation is measured on.
@@ -125,6 +141,7 @@ def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 9
         raise ValueError(f"size must be even and >= 8, got {size}")
     if fmt not in ("parquet", "tar"):
         raise ValueError(f"format must be parquet or tar, got {fmt!r}")
+    speed = check_speed(speed)
     rng = np.random.default_rng(seed)
     held = set(holdout or [])
     for colour, shape in held:
@@ -156,7 +173,8 @@ def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 9
         if progress:
             progress("images", written["images"], images)
     for i in range(videos):
-        write_bytes_atomic(join(out, "videos", f"video-{i:05d}.mp4"), encode_mp4(random_video(rng, size, frames), FPS))
+        video = random_video(rng, size, frames, speed)
+        write_bytes_atomic(join(out, "videos", f"video-{i:05d}.mp4"), encode_mp4(video, FPS))
         written["videos"] += 1
         if progress:
             progress("videos", written["videos"], videos)

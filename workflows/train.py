@@ -41,6 +41,7 @@ from stages.config import FRAME_NOISE_FIELDS, ConfigError, DiffusionConfig, load
 from stages.temporal import temporal_parameter_names
 from stages.training import STAGE_OF, TRAIN_STAGES, VIDEO_STAGES, TrainConfig
 from workflows.presets import DEFAULT_PRESET, load_preset
+from workflows.synth import SPEED
 
 TRAIN_DIR = "_train"
 STATE_WEIGHTS = "train_state.safetensors"
@@ -539,6 +540,8 @@ def add_parsers(sub) -> None:
     syn.add_argument("--videos", type=int, default=100, help="uncaptioned videos (default 100)")
     syn.add_argument("--size", type=int, default=64, help="image and video size in pixels (default 64)")
     syn.add_argument("--frames", type=int, default=96, help="frames per video, at 30 fps (default 96)")
+    syn.add_argument("--speed", type=float, nargs=2, default=list(SPEED), metavar=("LOW", "HIGH"),
+                     help=f"the shapes' speeds, frame widths per second (default {SPEED[0]:g} {SPEED[1]:g})")
     syn.add_argument("--format", default="parquet", choices=("parquet", "tar"), help="image shard format")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--holdout", nargs="*", default=[], metavar="'COLOUR SHAPE'",
@@ -587,7 +590,8 @@ def cmd_synth(args) -> int:
 
     try:
         written = synth(args.out, images=args.images, videos=args.videos, size=args.size, frames=args.frames,
-                        fmt=args.format, seed=args.seed, holdout=parse_holdout(args.holdout), progress=progress)
+                        fmt=args.format, seed=args.seed, holdout=parse_holdout(args.holdout), speed=args.speed,
+                        progress=progress)
     except ValueError as e:
         raise CliError(str(e)) from None
     print(f"wrote {written['images']} images and {written['videos']} videos under {args.out}", file=sys.stderr)

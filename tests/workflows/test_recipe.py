@@ -97,7 +97,8 @@ def test_recipe_files_are_checked(tmp_path):
     for text, match in [("stages: {decoder-vidoe: {max_steps: 1}}", "decoder-vidoe"),
                         ("holdout: [pink circle]", "pink circle"),
                         ("train: {max_stepz: 3}", "max_stepz"),
-                        ("data: {imagez: 3}", "imagez")]:
+                        ("data: {imagez: 3}", "imagez"),
+                        ("data: {speed: [0.5, 0.1]}", "data: speed")]:
         path = tmp_path / "r.yaml"
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
@@ -145,6 +146,8 @@ def test_eval_until_decoder_judges_the_keyframes(bundle, tmp_path):
     d = load_bundle_config(bundle[0]).decoder
     assert frames.shape[:3] == (d.frames, d.size, d.size) and fps == 5
     assert (rep["judge"]["size"], rep["judge"]["frames"], rep["judge"]["fps"]) == (d.size, d.frames, 5.0)
+    # The ground truth moves at the speeds of the recipe's videos.
+    assert rep["judge"]["speed"] == list(smoke_recipe().data.speed)
 
 
 def test_judge_reference_moves_at_the_rate_of_the_judged_videos():
@@ -252,6 +255,36 @@ def test_straightness_tells_motion_from_jitter_in_place():
     jitter = np.stack([draw("circle", "red", 32 + 2 * (-1) ** t, 32, 8, 64) for t in range(12)]).transpose(3, 0, 1, 2)
     shaking = evaluate.video_metrics(evaluate.judge_frames(jitter), "red", "circle")
     assert shaking["straightness"] < 0.1 and shaking["displacement_mean"] > 0.05
+
+
+def test_synth_videos_move_at_the_given_speed(tmp_path):
+    """Frame widths per second at the renderer's FPS: the centroid's step per frame is speed / FPS."""
+    from workflows.synth import FPS
+
+    for speed in (0.1, 0.4):
+        steps = []
+        for seed in range(6):
+            video = moving_video(np.random.default_rng(seed), 64, 31, "red", "square", (speed, speed))
+            c = evaluate.judge_frames(video)["centroid"]
+            steps.append(np.linalg.norm(c[1:] - c[:-1], axis=1).mean())  # a bounce keeps the path's length
+        assert abs(np.median(steps) - speed / FPS) < 0.15 * speed / FPS
+    for bad, match in (((0.3, 0.1), "low <= high"), ((0.0, 0.1), "0 < low"), (("fast",), "two numbers")):
+        with pytest.raises(ValueError, match=match):
+            synth(str(tmp_path / "x"), images=0, videos=1, speed=bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_judges_against_ground_truth_at_the_recipes_speed(tmp_path):
+    from workflows.synth import SPEED
+
+    assert evaluate.default_speed(str(tmp_path)) == SPEED  # no recipe.json: synth.py's speeds
+    (tmp_path / "_recipe").mkdir()
+    (tmp_path / "_recipe" / "recipe.json").write_text(json.dumps({"settings": {"data": {"speed": [0.1, 0.3]}}}))
+    assert evaluate.default_speed(str(tmp_path)) == (0.1, 0.3)
+    slow, fast = (evaluate.judge_accuracy(64, 16, 12, fps=5, speed=s) for s in ((0.1, 0.1), (0.4, 0.4)))
+    assert (slow["speed"], fast["speed"]) == ([0.1, 0.1], [0.4, 0.4])
+    ratio = fast["reference"]["displacement_mean"] / slow["reference"]["displacement_mean"]
+    assert 3.0 < ratio <= 4.1  # four times the speed, less where a bounce cut a step short
 
 
 def test_synth_holdout_is_checked_and_leaves_pairs_out(tmp_path):
