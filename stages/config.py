@@ -45,6 +45,8 @@ class DiffusionConfig:
     sample_frame_noise_shared: float | None = None  # ρ of the initial noise when sampling; None: frame_noise_shared
     frame_noise_progressive: float = 0.0  # video stages: correlation r of the per-frame noise between neighbours
     sample_frame_noise_progressive: float | None = None  # r when sampling; None: frame_noise_progressive
+    frame_noise_flow: bool = False      # video stages, training: the common part moves with the clip's content
+    sample_frame_noise_drift: tuple[float, ...] = ()  # D^t sampling: the common part drifts (low, high) widths/frame
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -61,6 +63,14 @@ class DiffusionConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        drift = self.sample_frame_noise_drift
+        if drift and not (len(drift) == 2 and 0.0 <= drift[0] <= drift[1] <= 0.5):
+            raise ConfigError(f"sample_frame_noise_drift must be [low, high] with 0 <= low <= high <= 0.5 "
+                              f"(frame widths per frame), got {list(drift)}")
+        if self.frame_noise_flow and not self.frame_noise_shared:
+            raise ConfigError("frame_noise_flow moves the noise's common part: set frame_noise_shared above 0")
+        if drift and not self.sampling_shared:
+            raise ConfigError("sample_frame_noise_drift moves the noise's common part: set a sampling ρ above 0")
 
     @property
     def sampling_shared(self) -> float:
@@ -77,7 +87,7 @@ class DiffusionConfig:
     @property
     def frame_noise_set(self) -> bool:
         """Whether any frame-noise correlation is set (meaningless for the image and per-frame stages)."""
-        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS)
+        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS + ("frame_noise_flow", "sample_frame_noise_drift"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -106,8 +106,80 @@ def progressive_frame_noise(ind: torch.Tensor, r: float) -> torch.Tensor:
 
 
 def mix_frame_noise(ind: torch.Tensor, common: torch.Tensor, shared: float) -> torch.Tensor:
-    """√ρ ``common`` (``b c 1 h w``) + √(1 − ρ) ``ind`` (``b c f h w``)."""
+    """√ρ ``common`` (``b c 1 h w``, or one per frame) + √(1 − ρ) ``ind`` (``b c f h w``)."""
     return shared**0.5 * common + (1 - shared) ** 0.5 * ind
+
+
+WARP_SUBPIXELS = 4  # fine noise samples per pixel side in :func:`warped_noise`
+
+
+def warped_noise(fine: torch.Tensor, offsets: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Integral noise warping (Chang et al., 2024) for translations: frame k of sample i is the window of
+    the fine field ``fine`` (``b c (3h)s (3w)s``, N(0, I), s = :data:`WARP_SUBPIXELS`) moved by
+    ``offsets[i, k]`` (``b f 2``, (dy, dx) pixels, rounded to 1/s), each pixel the sum of its s² fine
+    samples over s. Every frame is exactly N(0, I); a pixel's noise moves with the offset, so content that
+    moves by the offset sees the same noise in every frame. Offsets are clamped to one frame size."""
+    s = WARP_SUBPIXELS
+    b, c = fine.shape[:2]
+    frames = offsets.shape[1]
+    limit = torch.tensor([h, w], device=offsets.device, dtype=offsets.dtype)
+    fine_px = (-offsets.clamp(-limit, limit) * s).round().long().cpu()
+    out = fine.new_empty((b, c, frames, h, w))
+    for i in range(b):
+        for k in range(frames):
+            y0, x0 = h * s + int(fine_px[i, k, 0]), w * s + int(fine_px[i, k, 1])
+            window = fine[i, :, y0 : y0 + h * s, x0 : x0 + w * s]
+            out[i, :, k] = window.reshape(c, h, s, w, s).sum(dim=(2, 4)) / s
+    return out
+
+
+def content_track(video: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(dy, dx) pixels (``b f 2``) each frame's content has moved since the first frame of ``video``
+    (``b c f h w`` in [-1, 1]): the centroid of its foreground, the pixels farther than ``threshold``
+    (summed over channels) from the clip's median colour; a frame with no foreground keeps the last offset."""
+    b, _, f, h, w = video.shape
+    background = video.flatten(2).median(dim=2).values[:, :, None, None, None]
+    weight = (video.float() - background.float()).abs().sum(1)
+    weight = torch.where(weight > threshold, weight, torch.zeros_like(weight))
+    ys = torch.arange(h, dtype=torch.float32, device=video.device)[:, None]
+    xs = torch.arange(w, dtype=torch.float32, device=video.device)[None, :]
+    mass = weight.sum(dim=(2, 3))
+    centre = torch.stack([(weight * ys).sum(dim=(2, 3)), (weight * xs).sum(dim=(2, 3))], -1)
+    centre = centre / mass.clamp_min(1e-6)[..., None]
+    track = centre.clone()
+    for k in range(f):
+        last = track[:, k - 1] if k else torch.tensor([(h - 1) / 2, (w - 1) / 2], device=video.device)
+        track[:, k] = torch.where(mass[:, k, None] > 0, centre[:, k], last)
+    return track - track[:, :1]
+
+
+def drift_offsets(frames: int, h: int, w: int, speed: Sequence[float], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """A path (``b f 2`` pixel offsets from the first frame) for noise drifting in a straight line at a
+    speed drawn uniformly from ``speed`` (low, high frame widths per frame) in a random direction,
+    reflected off the edges of the frame from a start drawn inside it, as the shapes world's objects are."""
+    paths = []
+    size = torch.tensor([h, w], dtype=torch.float32)
+    for g in generators:
+        u = torch.rand(4, generator=g, device=g.device).cpu()
+        angle = 2 * torch.pi * u[0]
+        v = (speed[0] + (speed[1] - speed[0]) * u[1]) * torch.stack([torch.sin(angle), torch.cos(angle)]) * size
+        start = (0.2 + 0.6 * u[2:]) * size
+        raw = start + v * torch.arange(frames, dtype=torch.float32)[:, None]
+        folded = torch.remainder(raw, 2 * size)
+        pos = torch.where(folded > size, 2 * size - folded, folded)
+        paths.append(pos - pos[:1])
+    return torch.stack(paths)
+
+
+def moving_frame_noise(shape: Sequence[int], offsets: torch.Tensor, generators: Sequence[torch.Generator],
+                       device, dtype=torch.float32, shared: float = 0.9, progressive: float = 0.0) -> torch.Tensor:
+    """:func:`frame_noise` whose common part moves along ``offsets`` (``b f 2``, see :func:`warped_noise`)
+    instead of staying put: ε_k = √ρ W_k(ε_shared) + √(1 − ρ) ε_k^ind, still N(0, I) per frame."""
+    c, f, h, w = shape
+    s = WARP_SUBPIXELS
+    ind = progressive_frame_noise(randn(shape, generators, device, dtype), progressive)
+    fine = randn((c, 3 * h * s, 3 * w * s), generators, device, dtype)
+    return mix_frame_noise(ind, warped_noise(fine, offsets.to(device), h, w), shared)
 
 
 def _cat_cond(cond: dict, uncond: dict) -> dict:
@@ -185,7 +257,9 @@ def training_loss(
 
     The target is ε, x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 according to ``cfg.prediction_type``; a video's
     ε is correlated across frames by ``cfg.frame_noise_shared`` and ``cfg.frame_noise_progressive`` (see
-    :func:`frame_noise`).
+    :func:`frame_noise`); with ``cfg.frame_noise_flow`` the common part moves with the clip's content
+    (:func:`content_track`, :func:`warped_noise`), as Go-with-the-Flow (Burgert et al., 2025) warps noise
+    along a training video's optical flow, so that noise drifting at sampling moves what is drawn.
     ``snr_gamma`` > 0 weights each sample's loss by Min-SNR-γ (Hang et al., 2023): its x_0 error counts
     min(SNR_t, γ), so the nearly clean steps no longer dominate and the noisy steps, where the layout
     (and a video's motion) is decided, learn faster.
@@ -198,7 +272,13 @@ def training_loss(
     if x0.ndim == 5:
         noise = progressive_frame_noise(noise, cfg.frame_noise_progressive)
     if cfg.frame_noise_shared and x0.ndim == 5 and x0.shape[2] > 1:
-        common = torch.randn((*x0.shape[:2], 1, *x0.shape[3:]), generator=generator, device="cpu").to(x0.device, x0.dtype)
+        b, c, _, h, w = x0.shape
+        if cfg.frame_noise_flow:
+            s = WARP_SUBPIXELS
+            fine = torch.randn((b, c, 3 * h * s, 3 * w * s), generator=generator, device="cpu").to(x0.device, x0.dtype)
+            common = warped_noise(fine, content_track(x0), h, w)
+        else:
+            common = torch.randn((b, c, 1, h, w), generator=generator, device="cpu").to(x0.device, x0.dtype)
         noise = mix_frame_noise(noise, common, cfg.frame_noise_shared)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = model(x_t, t, **(cond or {}))

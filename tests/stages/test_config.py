@@ -95,6 +95,19 @@ def test_frame_noise_share_is_checked_and_only_for_stages_with_frames():
     assert DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.0).sampling_shared == 0.0
 
 
+def test_moving_frame_noise_needs_a_common_part_and_a_drift_range():
+    with pytest.raises(ConfigError, match="frame_noise_flow moves the noise's common part"):
+        DiffusionConfig(frame_noise_flow=True)
+    with pytest.raises(ConfigError, match="sample_frame_noise_drift moves the noise's common part"):
+        DiffusionConfig(frame_noise_shared=0.5, sample_frame_noise_shared=0.0, sample_frame_noise_drift=(0.01, 0.02))
+    for bad in ((0.02,), (0.03, 0.01), (0.1, 0.9)):
+        with pytest.raises(ConfigError, match="sample_frame_noise_drift must be"):
+            DiffusionConfig(frame_noise_shared=0.9, sample_frame_noise_drift=bad)
+    cfg = from_dict(DiffusionConfig, {"frame_noise_shared": 0.9, "frame_noise_flow": True,
+                                      "sample_frame_noise_drift": [0.02, 0.05]})
+    assert cfg.sample_frame_noise_drift == (0.02, 0.05) and cfg.frame_noise_set
+
+
 def test_progressive_frame_noise_is_checked_and_only_for_stages_with_frames():
     from stages.config import PriorConfig, SRHighConfig
 

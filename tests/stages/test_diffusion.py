@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages.config import DiffusionConfig
-from stages.diffusion import randn, sample, sampling_scheduler, stage_generators, training_loss
+from stages.diffusion import content_track, randn, sample, sampling_scheduler, stage_generators, training_loss
 
 
 def test_schedulers_come_from_diffusers():
@@ -165,3 +165,68 @@ def test_min_snr_weighting_gives_x0_errors_the_weight_min_snr_gamma(prediction_t
     got = training_loss(zero, x0, cfg=cfg, generator=torch.Generator().manual_seed(3), snr_gamma=5.0)
     plain = training_loss(zero, x0, cfg=cfg, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(got, expected) and torch.allclose(plain, target.pow(2).mean())
+
+
+def test_warped_noise_moves_with_its_offsets_and_stays_standard_normal():
+    from stages.diffusion import warped_noise
+
+    fine = torch.randn(2, 3, 3 * 16 * 4, 3 * 16 * 4, generator=torch.Generator().manual_seed(0))
+    offsets = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [-3.0, 0.5]]] * 2)
+    noise = warped_noise(fine, offsets, 16, 16)
+    assert noise.shape == (2, 3, 3, 16, 16)
+    # content moved by (dy, dx) sees the same noise: frame k at p + offset_k is frame 0 at p
+    assert torch.allclose(noise[:, :, 1, 1:, 2:], noise[:, :, 0, :-1, :-2])
+    assert abs(float(noise.std()) - 1.0) < 0.05 and abs(float(noise.mean())) < 0.05
+    # a half-pixel move keeps half of each pixel's fine samples: correlation 1/2 with the unmoved frame
+    half = warped_noise(fine, torch.tensor([[[0.0, 0.0], [0.0, 0.5]]] * 2), 16, 16)
+    corr = torch.corrcoef(torch.stack([half[:, :, 0, :, 1:].flatten(), half[:, :, 1, :, 1:].flatten()]))[0, 1]
+    assert abs(float(corr) - 0.5) < 0.07
+
+
+def test_content_track_follows_a_rendered_shape():
+    import numpy as np
+
+    from workflows.synth import moving_video
+
+    video = torch.tensor(moving_video(np.random.default_rng(3), 64, 12, "red", "circle")).float()[None] / 127.5 - 1
+    track = content_track(video)
+    assert track.shape == (1, 12, 2) and torch.equal(track[:, 0], torch.zeros(1, 2))
+    step = (track[0, 1:] - track[0, :-1]).norm(dim=-1)
+    assert float(step.median()) > 0.3  # it moves, and steadily: a bounce changes direction, not speed
+    assert float((step - step.median()).abs().max()) < 0.6
+    blank = video.clone()
+    blank[:, :, 5] = video[:, :, 0, :1, :1]  # a frame without the shape keeps the last offset
+    assert torch.equal(content_track(blank)[0, 5], content_track(blank)[0, 4])
+
+
+def test_flow_noise_in_training_moves_with_the_clip_and_drift_paths_stay_in_the_frame():
+    from stages.diffusion import drift_offsets, moving_frame_noise
+
+    from stages.diffusion import training_scheduler
+
+    seen = []
+
+    def record(x_t, t):
+        seen.append((x_t, t))
+        return torch.zeros_like(x_t)
+
+    x0 = -torch.ones(1, 3, 4, 16, 16)  # a white square, 4 px, moving right 2 px a frame on black
+    for k in range(4):
+        x0[:, :, k, 6:10, 2 + 2 * k : 6 + 2 * k] = 1.0
+    cfg = DiffusionConfig(frame_noise_shared=0.99, frame_noise_flow=True)
+    training_loss(record, x0, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    x_t, t = seen[0]
+    a = training_scheduler(cfg).alphas_cumprod[t].float()
+    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()  # the noise drawn, compared shifted by the motion and not
+    moved = torch.corrcoef(torch.stack([eps[:, :, 0, :, :-2].flatten(), eps[:, :, 1, :, 2:].flatten()]))[0, 1]
+    still = torch.corrcoef(torch.stack([eps[:, :, 0].flatten(), eps[:, :, 1].flatten()]))[0, 1]
+    assert float(moved) > 0.9 and abs(float(still)) < 0.2
+
+    gens = stage_generators(range(8), "drift")
+    path = drift_offsets(30, 16, 16, (0.05, 0.1), gens)
+    assert path.shape == (8, 30, 2) and torch.equal(path[:, 0], torch.zeros(8, 2))
+    step = (path[:, 1:] - path[:, :-1]).norm(dim=-1)
+    assert float(step.max()) <= 0.1 * 16 * 2**0.5 + 1e-4 and float(step.min()) > 0  # never still
+    assert float(path.abs().max()) <= 16  # reflected at the edges: never a frame away from its start
+    noise = moving_frame_noise((3, 30, 16, 16), path, stage_generators(range(8), "x"), "cpu", shared=0.9)
+    assert noise.shape == (8, 3, 30, 16, 16) and abs(float(noise.std()) - 1.0) < 0.05
