@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 
 
 # The correlation of a video's noise across frames, for training and sampling (stages.diffusion.frame_noise).
-FRAME_NOISE_FIELDS = ("frame_noise_shared", "sample_frame_noise_shared", "frame_noise_progressive",
+FRAME_NOISE_SHARES = ("frame_noise_shared", "sample_frame_noise_shared", "frame_noise_progressive",
                       "sample_frame_noise_progressive")
+FRAME_NOISE_FIELDS = FRAME_NOISE_SHARES + ("frame_noise_flow", "sample_frame_noise_drift")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +60,7 @@ class DiffusionConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        for name in FRAME_NOISE_FIELDS:
+        for name in FRAME_NOISE_SHARES:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
@@ -87,7 +88,7 @@ class DiffusionConfig:
     @property
     def frame_noise_set(self) -> bool:
         """Whether any frame-noise correlation is set (meaningless for the image and per-frame stages)."""
-        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS + ("frame_noise_flow", "sample_frame_noise_drift"))
+        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,7 +157,7 @@ class PriorConfig:
     def __post_init__(self) -> None:
         if self.diffusion.frame_noise_set:
             raise ConfigError(f"prior: diffusion.{', '.join(FRAME_NOISE_FIELDS)} apply to video stages only; "
-                              "set them to 0")
+                              "leave them unset")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,7 +249,7 @@ class SRHighConfig(SuperResConfig):
             raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
         if self.diffusion.frame_noise_set:
             raise ConfigError(f"sr_high: every frame already starts from the same noise; "
-                              f"set diffusion.{', '.join(FRAME_NOISE_FIELDS)} to 0")
+                              f"leave diffusion.{', '.join(FRAME_NOISE_FIELDS)} unset")
         _check_positive("frame_batch", self.frame_batch)
 
 

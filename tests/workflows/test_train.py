@@ -199,13 +199,14 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
 
 def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
     """The image decoder makes independent frames (ρ = r = 0 whatever the preset says); decoder-video and ↑F
-    take the preset's ρ, and its sampling ρ and r, and all are saved with their weights."""
+    take the preset's ρ, its sampling ρ and r and its moving noise, and all are saved with their weights."""
     from stages.checkpoint import save_stage
     from stages.config import dump_yaml
     from workflows.train import initial_network
 
     diffusion = dataclasses.replace(tiny_config.decoder.diffusion, frame_noise_shared=0.4,
-                                    sample_frame_noise_shared=0.8, sample_frame_noise_progressive=0.95)
+                                    sample_frame_noise_shared=0.8, sample_frame_noise_progressive=0.95,
+                                    frame_noise_flow=True, sample_frame_noise_drift=(0.01, 0.03))
     preset = dataclasses.replace(
         tiny_config,
         decoder=dataclasses.replace(tiny_config.decoder, diffusion=diffusion),
@@ -216,7 +217,7 @@ def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
     image_cfg, image_net = initial_network(TrainJob(stage="decoder", data=("unused",), output="unused",
                                                     config=CONFIG, preset=str(path)))
     assert image_cfg.diffusion.frame_noise_shared == 0.0 and image_cfg.diffusion.sampling_shared == 0.0
-    assert image_cfg.diffusion.sampling_progressive == 0.0
+    assert image_cfg.diffusion.sampling_progressive == 0.0 and not image_cfg.diffusion.frame_noise_set
     save_stage(str(tmp_path / "bundle"), "decoder", image_cfg, image_net)
     for stage, produced in (("decoder-video", "decoder"), ("interpolation", "interpolation")):
         cfg, net = initial_network(TrainJob(stage=stage, data=("unused",), output="unused", config=CONFIG,
@@ -224,6 +225,7 @@ def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
         save_stage(str(tmp_path / "video"), produced, cfg, net)
         saved = load_stage(str(tmp_path / "video"), produced)[0].diffusion
         assert (saved.frame_noise_shared, saved.sampling_shared, saved.sampling_progressive) == (0.4, 0.8, 0.95), stage
+        assert (saved.frame_noise_flow, saved.sample_frame_noise_drift) == (True, (0.01, 0.03)), stage
 
 
 def test_video_stages_give_temporal_layers_their_own_learning_rate(tiny_config):
