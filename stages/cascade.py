@@ -16,8 +16,7 @@ from torch import nn
 
 from stages.clip import ClipModel
 from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHighConfig, SRLowConfig
-from stages.diffusion import (Progress, add_noise, drift_offsets, frame_noise, moving_frame_noise, randn, sample,
-                              stage_generators)
+from stages.diffusion import Progress, add_noise, drift_offsets, frame_noise, randn, sample, stage_generators
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
 
@@ -105,14 +104,10 @@ def decode(
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     shape = (3, cfg.frames, cfg.size, cfg.size)
-    gens = stage_generators(seeds, "decoder")
-    if cfg.diffusion.sample_frame_noise_drift:
-        path = drift_offsets(cfg.frames, cfg.size, cfg.size, cfg.diffusion.sample_frame_noise_drift,
-                             stage_generators(seeds, "decoder-drift"))
-        noise = moving_frame_noise(shape, path, gens, dev, dt, cfg.diffusion.sampling_shared,
-                                   cfg.diffusion.sampling_progressive)
-    else:
-        noise = frame_noise(shape, gens, dev, dt, cfg.diffusion.sampling_shared, cfg.diffusion.sampling_progressive)
+    drift = cfg.diffusion.sample_frame_noise_drift
+    path = drift_offsets(cfg.frames, cfg.size, cfg.size, drift, stage_generators(seeds, "decoder-drift")) if drift else None
+    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared,
+                        cfg.diffusion.sampling_progressive, offsets=path)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
     return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)

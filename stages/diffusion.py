@@ -78,18 +78,22 @@ def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, d
 
 
 def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32,
-                shared: float = 0.0, progressive: float = 0.0) -> torch.Tensor:
+                shared: float = 0.0, progressive: float = 0.0, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``len(generators) x shape`` noise for videos ``c f h w``, N(0, I) per frame but correlated between
     frames: PYoCo's (Ge et al., 2023) mixed noise, ε_i = √ρ ε_shared + √(1 − ρ) ε_i^ind with ρ = ``shared``,
     whose per-frame part is their progressive noise when r = ``progressive`` > 0 (see
     :func:`progressive_frame_noise`). The mixed part gives the frames of one sample a common layout; the
     progressive part lets it drift, neighbours correlated ρ + (1 − ρ) r, frames k apart ρ + (1 − ρ) r^k.
-    ρ = r = 0 is :func:`randn` exactly."""
+    With ``offsets`` (``b f 2`` pixels) the common part moves along them instead of staying put
+    (:func:`warped_noise`). ρ = r = 0 is :func:`randn` exactly."""
     ind = progressive_frame_noise(randn(shape, generators, device, dtype), progressive)
     if not shared:
         return ind
     c, _, h, w = shape
-    common = randn((c, 1, h, w), generators, device, dtype)
+    if offsets is None:
+        common = randn((c, 1, h, w), generators, device, dtype)
+    else:
+        common = warped_noise(randn(warp_field_shape(c, h, w), generators, device, dtype), offsets.to(device), h, w)
     return mix_frame_noise(ind, common, shared)
 
 
@@ -111,6 +115,11 @@ def mix_frame_noise(ind: torch.Tensor, common: torch.Tensor, shared: float) -> t
 
 
 WARP_SUBPIXELS = 4  # fine noise samples per pixel side in :func:`warped_noise`
+
+
+def warp_field_shape(c: int, h: int, w: int) -> tuple[int, int, int]:
+    """The fine field :func:`warped_noise` takes for ``c h w`` frames: three frames a side, s² samples a pixel."""
+    return c, 3 * h * WARP_SUBPIXELS, 3 * w * WARP_SUBPIXELS
 
 
 def warped_noise(fine: torch.Tensor, offsets: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -169,17 +178,6 @@ def drift_offsets(frames: int, h: int, w: int, speed: Sequence[float], generator
         pos = torch.where(folded > size, 2 * size - folded, folded)
         paths.append(pos - pos[:1])
     return torch.stack(paths)
-
-
-def moving_frame_noise(shape: Sequence[int], offsets: torch.Tensor, generators: Sequence[torch.Generator],
-                       device, dtype=torch.float32, shared: float = 0.9, progressive: float = 0.0) -> torch.Tensor:
-    """:func:`frame_noise` whose common part moves along ``offsets`` (``b f 2``, see :func:`warped_noise`)
-    instead of staying put: ε_k = √ρ W_k(ε_shared) + √(1 − ρ) ε_k^ind, still N(0, I) per frame."""
-    c, f, h, w = shape
-    s = WARP_SUBPIXELS
-    ind = progressive_frame_noise(randn(shape, generators, device, dtype), progressive)
-    fine = randn((c, 3 * h * s, 3 * w * s), generators, device, dtype)
-    return mix_frame_noise(ind, warped_noise(fine, offsets.to(device), h, w), shared)
 
 
 def _cat_cond(cond: dict, uncond: dict) -> dict:
@@ -274,8 +272,7 @@ def training_loss(
     if cfg.frame_noise_shared and x0.ndim == 5 and x0.shape[2] > 1:
         b, c, _, h, w = x0.shape
         if cfg.frame_noise_flow:
-            s = WARP_SUBPIXELS
-            fine = torch.randn((b, c, 3 * h * s, 3 * w * s), generator=generator, device="cpu").to(x0.device, x0.dtype)
+            fine = torch.randn((b, *warp_field_shape(c, h, w)), generator=generator, device="cpu").to(x0.device, x0.dtype)
             common = warped_noise(fine, content_track(x0), h, w)
         else:
             common = torch.randn((b, c, 1, h, w), generator=generator, device="cpu").to(x0.device, x0.dtype)

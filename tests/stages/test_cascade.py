@@ -60,6 +60,10 @@ def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
     progressive = keyframes(frame_noise_shared=0.5, sample_frame_noise_progressive=0.95)
     assert torch.equal(progressive, keyframes(frame_noise_shared=0.5, frame_noise_progressive=0.95))
     assert not torch.equal(progressive, trained_at_half)
+    # A drift moves the common part: other keyframes, the same ones for the same seed.
+    drifting = keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1))
+    assert torch.equal(drifting, keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1)))
+    assert not torch.equal(drifting, trained_at_half)
 
 
 @torch.inference_mode()

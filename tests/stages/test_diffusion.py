@@ -200,7 +200,7 @@ def test_content_track_follows_a_rendered_shape():
 
 
 def test_flow_noise_in_training_moves_with_the_clip_and_drift_paths_stay_in_the_frame():
-    from stages.diffusion import drift_offsets, moving_frame_noise
+    from stages.diffusion import drift_offsets, frame_noise
 
     from stages.diffusion import training_scheduler
 
@@ -228,5 +228,5 @@ def test_flow_noise_in_training_moves_with_the_clip_and_drift_paths_stay_in_the_
     step = (path[:, 1:] - path[:, :-1]).norm(dim=-1)
     assert float(step.max()) <= 0.1 * 16 * 2**0.5 + 1e-4 and float(step.min()) > 0  # never still
     assert float(path.abs().max()) <= 16  # reflected at the edges: never a frame away from its start
-    noise = moving_frame_noise((3, 30, 16, 16), path, stage_generators(range(8), "x"), "cpu", shared=0.9)
+    noise = frame_noise((3, 30, 16, 16), stage_generators(range(8), "x"), "cpu", shared=0.9, offsets=path)
     assert noise.shape == (8, 3, 30, 16, 16) and abs(float(noise.std()) - 1.0) < 0.05
