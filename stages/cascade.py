@@ -99,18 +99,33 @@ def decode(
     guidance: float | torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0."""
+    """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0.
+
+    With ``sample_frame_noise_drift`` D^t samples twice from the same draws: first from noise whose common
+    part stands still, which places the object; then from noise whose common part moves along a path that
+    starts where the first sample's first frame shows the object and reflects where the object meets the
+    frame's edge (:func:`stages.diffusion.drift_offsets`), as the training clips' content, whose noise moved
+    with it (``frame_noise_flow``), did."""
     dev, dt = _device(decoder), _dtype(decoder)
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     shape = (3, cfg.frames, cfg.size, cfg.size)
-    drift = cfg.diffusion.sample_frame_noise_drift
-    path = drift_offsets(cfg.frames, cfg.size, cfg.size, drift, stage_generators(seeds, "decoder-drift")) if drift else None
-    noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared,
-                        cfg.diffusion.sampling_progressive, offsets=path)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
-    return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
+    drift = cfg.diffusion.sample_frame_noise_drift
+
+    def run(offsets: torch.Tensor | None, report: Progress | None) -> torch.Tensor:
+        noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared,
+                            cfg.diffusion.sampling_progressive, offsets=offsets)
+        return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance,
+                      progress=report)
+
+    if not drift:
+        return run(None, progress)
+    half = None if progress is None else (lambda i, n: progress(i, 2 * n))
+    placed = run(torch.zeros(len(seeds), cfg.frames, 2), half)
+    path = drift_offsets(placed[:, :, 0], cfg.frames, drift, stage_generators(seeds, "decoder-drift"))
+    return run(path, None if progress is None else (lambda i, n: progress(n + i, 2 * n)))
 
 
 def infill_inputs(frames: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

@@ -142,19 +142,32 @@ def warped_noise(fine: torch.Tensor, offsets: torch.Tensor, h: int, w: int) -> t
     return out
 
 
+def _foreground(video: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``b f h w`` weights of ``video``'s (``b c f h w``) pixels farther than ``threshold`` (summed over
+    channels) from the clip's median colour, 0 elsewhere."""
+    background = video.flatten(2).median(dim=2).values[:, :, None, None, None]
+    weight = (video.float() - background.float()).abs().sum(1)
+    return torch.where(weight > threshold, weight, torch.zeros_like(weight))
+
+
+def _moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mass (``...``), centroid and standard deviation ((dy, dx) pixels, ``... 2``) of ``... h w`` weights."""
+    h, w = weight.shape[-2:]
+    coords = [torch.arange(n, dtype=torch.float32, device=weight.device) for n in (h, w)]
+    mass = weight.sum(dim=(-2, -1))
+    marginals = (weight.sum(-1), weight.sum(-2))
+    centre = torch.stack([(m * c).sum(-1) for m, c in zip(marginals, coords)], -1) / mass.clamp_min(1e-6)[..., None]
+    var = torch.stack([(m * (c - centre[..., i : i + 1]) ** 2).sum(-1)
+                       for i, (m, c) in enumerate(zip(marginals, coords))], -1) / mass.clamp_min(1e-6)[..., None]
+    return mass, centre, var.sqrt()
+
+
 def content_track(video: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     """(dy, dx) pixels (``b f 2``) each frame's content has moved since the first frame of ``video``
     (``b c f h w`` in [-1, 1]): the centroid of its foreground, the pixels farther than ``threshold``
     (summed over channels) from the clip's median colour; a frame with no foreground keeps the last offset."""
     b, _, f, h, w = video.shape
-    background = video.flatten(2).median(dim=2).values[:, :, None, None, None]
-    weight = (video.float() - background.float()).abs().sum(1)
-    weight = torch.where(weight > threshold, weight, torch.zeros_like(weight))
-    ys = torch.arange(h, dtype=torch.float32, device=video.device)[:, None]
-    xs = torch.arange(w, dtype=torch.float32, device=video.device)[None, :]
-    mass = weight.sum(dim=(2, 3))
-    centre = torch.stack([(weight * ys).sum(dim=(2, 3)), (weight * xs).sum(dim=(2, 3))], -1)
-    centre = centre / mass.clamp_min(1e-6)[..., None]
+    mass, centre, _ = _moments(_foreground(video, threshold))
     track = centre.clone()
     for k in range(f):
         last = track[:, k - 1] if k else torch.tensor([(h - 1) / 2, (w - 1) / 2], device=video.device)
@@ -162,20 +175,31 @@ def content_track(video: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     return track - track[:, :1]
 
 
-def drift_offsets(frames: int, h: int, w: int, speed: Sequence[float], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """A path (``b f 2`` pixel offsets from the first frame) for noise drifting in a straight line at a
-    speed drawn uniformly from ``speed`` (low, high frame widths per frame) in a random direction,
-    reflected off the edges of the frame from a start drawn inside it, as the shapes world's objects are."""
-    paths = []
+def drift_offsets(first: torch.Tensor, frames: int, speed: Sequence[float], generators: Sequence[torch.Generator],
+                  threshold: float = 0.1) -> torch.Tensor:
+    """A path (``b f 2`` pixel offsets from the first frame) for noise that carries what ``first`` (``b c h w``
+    in [-1, 1], each sample's first frame) shows as the shapes world carries its objects: the foreground's
+    centroid moves in a straight line at a speed drawn uniformly from ``speed`` (low, high frame widths per
+    frame) in a random direction, reflected where the foreground's extent (√3 standard deviations each side
+    of the centroid, a square's or a uniform blob's half-width) meets the frame's edge. A first frame with
+    no foreground moves as a point from the frame's centre."""
+    b, _, h, w = first.shape
+    mass, centre, std = _moments(_foreground(first[:, :, None], threshold)[:, 0])
     size = torch.tensor([h, w], dtype=torch.float32)
-    for g in generators:
-        u = torch.rand(4, generator=g, device=g.device).cpu()
+    half = torch.where(mass[:, None] > 0, 3**0.5 * std, torch.zeros_like(std)).cpu()
+    centre = torch.where(mass[:, None] > 0, centre, (size - 1) / 2).cpu()
+    # pixel i covers [i - 1/2, i + 1/2]: the centroid stays in [half - 1/2, size - 1/2 - half]
+    low = (half - 0.5).clamp(max=(size - 1) / 2)
+    span = (size - 1 - 2 * low).clamp_min(0)
+    steps = torch.arange(frames, dtype=torch.float32)[:, None]
+    paths = []
+    for i, g in enumerate(generators):
+        u = torch.rand(2, generator=g, device=g.device).cpu()
         angle = 2 * torch.pi * u[0]
         v = (speed[0] + (speed[1] - speed[0]) * u[1]) * torch.stack([torch.sin(angle), torch.cos(angle)]) * size
-        start = (0.2 + 0.6 * u[2:]) * size
-        raw = start + v * torch.arange(frames, dtype=torch.float32)[:, None]
-        folded = torch.remainder(raw, 2 * size)
-        pos = torch.where(folded > size, 2 * size - folded, folded)
+        raw = (centre[i] - low[i]) + v * steps
+        folded = torch.remainder(raw, (2 * span[i]).clamp_min(1e-6))
+        pos = torch.where(span[i] > 0, torch.where(folded > span[i], 2 * span[i] - folded, folded), raw[:1])
         paths.append(pos - pos[:1])
     return torch.stack(paths)
 

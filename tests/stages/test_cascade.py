@@ -64,6 +64,14 @@ def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
     drifting = keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1))
     assert torch.equal(drifting, keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1)))
     assert not torch.equal(drifting, trained_at_half)
+    # It samples twice (first from still noise, to place the object the path starts from): progress counts both.
+    calls = []
+    cfg = replace(tiny_config.decoder, diffusion=replace(tiny_config.decoder.diffusion, frame_noise_shared=0.5,
+                                                         sample_frame_noise_drift=(0.05, 0.1)))
+    again = cascade.decode(nets["decoder"], cfg, torch.randn(1, 32, generator=torch.Generator().manual_seed(0)),
+                           torch.tensor([4.0]), [3], progress=lambda i, n: calls.append((i, n)))
+    steps = cfg.diffusion.steps
+    assert torch.equal(again, drifting) and calls == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]
 
 
 @torch.inference_mode()

@@ -222,11 +222,28 @@ def test_flow_noise_in_training_moves_with_the_clip_and_drift_paths_stay_in_the_
     still = torch.corrcoef(torch.stack([eps[:, :, 0].flatten(), eps[:, :, 1].flatten()]))[0, 1]
     assert float(moved) > 0.9 and abs(float(still)) < 0.2
 
-    gens = stage_generators(range(8), "drift")
-    path = drift_offsets(30, 16, 16, (0.05, 0.1), gens)
-    assert path.shape == (8, 30, 2) and torch.equal(path[:, 0], torch.zeros(8, 2))
+    # Drift paths carry the first frame's object as the world does: straight on, reflected where it meets an edge.
+    import numpy as np
+
+    from workflows.synth import draw
+
+    objects = [("square", 3.0, 8.0, 3.0), ("circle", 12.0, 12.0, 2.5), ("triangle", 8.0, 8.0, 3.0)] * 3
+    first = torch.stack([torch.tensor(draw(shape, "blue", cx, cy, r, 16)).permute(2, 0, 1).float() / 127.5 - 1
+                         for shape, cx, cy, r in objects])
+    gens = stage_generators(range(9), "drift")
+    path = drift_offsets(first, 30, (0.05, 0.1), gens)
+    assert path.shape == (9, 30, 2) and torch.equal(path[:, 0], torch.zeros(9, 2))
     step = (path[:, 1:] - path[:, :-1]).norm(dim=-1)
     assert float(step.max()) <= 0.1 * 16 * 2**0.5 + 1e-4 and float(step.min()) > 0  # never still
-    assert float(path.abs().max()) <= 16  # reflected at the edges: never a frame away from its start
+    for i in range(len(objects)):
+        inside = (first[i] < 0.9).any(0).nonzero().float()  # the object's pixels (y, x)
+        centroid = inside.mean(0)
+        lowest, highest = centroid + path[i].min(0).values, centroid + path[i].max(0).values
+        # its pixels never leave the frame by more than one
+        assert bool((lowest - (centroid - inside.min(0).values) >= -1).all()), i
+        assert bool((highest + (inside.max(0).values - centroid) <= 16).all()), i
+    assert float(step.std(dim=1).max()) < 0.5  # a reflection turns the path, it does not slow it
+    blank = drift_offsets(torch.ones(2, 3, 16, 16), 30, (0.05, 0.1), gens[:2])  # no object: a point from the centre
+    assert float(blank.abs().max()) <= 8 + 1e-4 and float((blank[:, 1:] - blank[:, :-1]).norm(dim=-1).min()) > 0
     noise = frame_noise((3, 30, 16, 16), stage_generators(range(8), "x"), "cpu", shared=0.9, offsets=path)
     assert noise.shape == (8, 3, 30, 16, 16) and abs(float(noise.std()) - 1.0) < 0.05
