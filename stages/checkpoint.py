@@ -37,6 +37,11 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts) if "://" in url else os.path.join(url, *parts)
 
 
+def absolute(url: str) -> str:
+    """``url`` with a relative local path made absolute (against the current directory); other URLs as given."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that a reader sees either the old object or the whole new one.
 

@@ -538,7 +538,7 @@ def cmd_eval(args) -> int:
         read_requests(spec)
     except (CheckpointError, InputError, ValueError) as e:
         raise CliError(str(e)) from None
-    if baseline is None:
+    if baseline is None and not args.no_baseline:
         print("mav: no image-only baseline (no CHECKPOINT/_image; pass --baseline URL to compare)", file=sys.stderr)
     report = evaluate(spec)
     print(f"wrote {join(args.out, 'report.json')} and {join(args.out, 'report.png')}", file=sys.stderr)

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 
 from stages import cascade, training
-from stages.checkpoint import CheckpointError, join, load_stage, save_stage, write_bytes_atomic
+from stages.checkpoint import CheckpointError, absolute, join, load_stage, save_stage, write_bytes_atomic
 from stages.config import FRAME_NOISE_FIELDS, ConfigError, DiffusionConfig, load_yaml
 from stages.temporal import temporal_parameter_names
 from stages.training import STAGE_OF, TRAIN_STAGES, VIDEO_STAGES, TrainConfig
@@ -61,6 +61,16 @@ class TrainJob:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        # Ray Train's workers run in a directory of their own: a relative local path would name another
+        # file there (a preset not found, a checkpoint written where nobody looks), so each is made absolute.
+        object.__setattr__(self, "data", tuple(absolute(url) for url in self.data))
+        for name in ("output", "init", "clip"):
+            if getattr(self, name):
+                object.__setattr__(self, name, absolute(getattr(self, name)))
+        if self.preset.endswith((".yaml", ".yml")):
+            object.__setattr__(self, "preset", absolute(self.preset))
 
 
 def needs_clip(stage: str) -> bool:

@@ -19,6 +19,7 @@ from stages.config import ConfigError
 from stages.temporal import spatial_state_dict, temporal_parameter_names
 from stages.training import TrainConfig, probe
 from workflows.synth import synth
+from workflows.presets import load_preset
 from workflows.train import TrainJob, read_metrics, run_training
 
 pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight stages
@@ -156,6 +157,21 @@ def test_missing_inputs_are_clear_errors(ray_session, data, tiny_preset_file, tm
                    preset=tiny_preset_file)
     with pytest.raises(DataError, match="no such file"):
         run_training(job)
+
+
+def test_relative_local_paths_name_the_callers_files(ray_session, tiny_preset_file, tmp_path, monkeypatch):
+    # The workers run in Ray's own directory: relative paths must still mean the caller's data, preset and output.
+    monkeypatch.chdir(tmp_path)
+    synth("shapes", images=16, videos=2, size=32, frames=8, seed=2)
+    (tmp_path / "tiny.yaml").write_text(open(tiny_preset_file).read())
+    job = TrainJob(stage="clip", data=("shapes",), output="model", preset="tiny.yaml", workers=1,
+                   config=dataclasses.replace(CONFIG, max_steps=2, checkpoint_every=2, log_every=1))
+    assert (job.data, job.output, job.preset) == ((str(tmp_path / "shapes"),), str(tmp_path / "model"),
+                                                  str(tmp_path / "tiny.yaml"))
+    assert run_training(job)["step"] == 2
+    cfg, _ = load_stage(str(tmp_path / "model"), "clip")
+    assert cfg.embed_dim == load_preset(str(tmp_path / "tiny.yaml")).clip.embed_dim
+    assert TrainJob(stage="clip", data=("s3://b/x",), output="s3://b/m", config=CONFIG).output == "s3://b/m"
 
 
 def _train_worker_pids() -> list[int]:
