@@ -184,6 +184,8 @@ def drift_offsets(first: torch.Tensor, frames: int, speed: Sequence[float], gene
     of the centroid, a square's or a uniform blob's half-width) meets the frame's edge. A first frame with
     no foreground moves as a point from the frame's centre."""
     b, _, h, w = first.shape
+    if len(generators) != b:
+        raise ValueError(f"drift_offsets needs one generator per first frame: {len(generators)} for {b}")
     mass, centre, std = _moments(_foreground(first[:, :, None], threshold)[:, 0])
     size = torch.tensor([h, w], dtype=torch.float32)
     half = torch.where(mass[:, None] > 0, 3**0.5 * std, torch.zeros_like(std)).cpu()
