@@ -91,6 +91,12 @@ class DiffusionConfig:
         return any(getattr(self, name) for name in FRAME_NOISE_FIELDS)
 
 
+def _check_no_drift(stage: str, diffusion: DiffusionConfig) -> None:
+    if diffusion.sample_frame_noise_drift:
+        raise ConfigError(f"{stage}: sample_frame_noise_drift is D^t's (its path starts at the object D^t first "
+                          "draws); the frames this stage is given already move: leave it unset")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClipConfig:
     arch: str = "custom"            # an open_clip architecture name (e.g. ViT-B-32), or custom for the sizes below
@@ -208,6 +214,7 @@ class InterpolationConfig:
 
     def __post_init__(self) -> None:
         _check_positive("skip", self.skip)
+        _check_no_drift("interpolation", self.diffusion)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +234,7 @@ class SuperResConfig:
             raise ConfigError("super-resolution networks are not conditioned on fps: set unet.temporal_fps to false")
         if not 0 <= self.noise_level < self.diffusion.train_timesteps:
             raise ConfigError(f"noise_level must be in 0..{self.diffusion.train_timesteps - 1}, got {self.noise_level}")
+        _check_no_drift("super-resolution", self.diffusion)
 
 
 @dataclass(frozen=True, kw_only=True)

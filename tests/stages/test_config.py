@@ -106,6 +106,12 @@ def test_moving_frame_noise_needs_a_common_part_and_a_drift_range():
     cfg = from_dict(DiffusionConfig, {"frame_noise_shared": 0.9, "frame_noise_flow": True,
                                       "sample_frame_noise_drift": [0.02, 0.05]})
     assert cfg.sample_frame_noise_drift == (0.02, 0.05) and cfg.frame_noise_set
+    from stages.config import InterpolationConfig, SRHighConfig, SRLowConfig
+
+    drifting = {"diffusion": {"frame_noise_shared": 0.5, "sample_frame_noise_drift": [0.02, 0.05]}}
+    for cls in (InterpolationConfig, SRLowConfig, SRHighConfig):
+        with pytest.raises(ConfigError, match="sample_frame_noise_drift is D\\^t's"):
+            from_dict(cls, drifting)
 
 
 def test_progressive_frame_noise_is_checked_and_only_for_stages_with_frames():
