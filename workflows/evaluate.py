@@ -26,9 +26,10 @@ those showing exactly one object (``one_object``: a second object appearing, or 
 and the centroid's step from each frame showing the object to the next one that does (across frames where it is
 missing: vanishing and reappearing elsewhere is a jump): mean, variance, mean |second difference| and the largest
 step, which a single jump dominates however smooth the rest of the video is, and ``jump``, whether that exceeds
-``JUMP_STEP``; ``travel``, the distance from the first frame's centroid to the last's, and ``straightness``,
-travel / path length: 1 for a straight path, near 0 for an object that jitters in place, so that stillness does
-not pass for smooth motion). The
+``JUMP_STEP``; ``travel``, the distance from the first frame's centroid to the last's, ``reach``, the farthest
+any frame's centroid gets from the first's (an object that crosses the frame and bounces back travels little
+but reaches far; one that jitters in place does neither), and ``straightness``, travel / path length: 1 for a
+straight path, near 0 for an object that jitters in place, so that stillness does not pass for smooth motion). The
 judge itself is scored on ground-truth videos rendered by synth.py at the same size, length and frame rate
 (``judge`` in the report), with the same temporal figures as a reference. ``--until decoder`` judges D^t's
 keyframes instead of the finished videos. Writes ``OUT/report.json``, ``OUT/report.png`` (the figures),
@@ -155,6 +156,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
     disp = np.linalg.norm(c[1:] - c[:-1], axis=1)
     accel = np.linalg.norm(c[2:] - 2 * c[1:-1] + c[:-2], axis=1)
     travel = float(np.linalg.norm(c[-1] - c[0])) if len(shown) > 1 else None
+    reach = float(np.linalg.norm(c - c[0], axis=1).max()) if len(shown) > 1 else None
     return {
         "colour": list(COLOURS)[c_major] if c_major >= 0 else None,
         "shape": SHAPES[s_major] if s_major >= 0 else None,
@@ -172,6 +174,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
         "largest_step": float(disp.max()) if len(disp) else None,
         "jump": bool(disp.max() > JUMP_STEP) if len(disp) else None,
         "travel": travel,
+        "reach": reach,
         "straightness": travel / float(disp.sum()) if travel is not None and disp.sum() > 0 else None,
         "fill_median": float(np.median(judged["fill"][present])) if present.any() else None,
     }
@@ -179,7 +182,7 @@ def video_metrics(judged: dict[str, np.ndarray], colour: str, shape: str) -> dic
 
 # The temporal figures, which the judge also reports for ground-truth videos (its ``reference``).
 COHERENCE_KEYS = ("present", "colour_identity", "shape_identity", "one_object", "displacement_mean", "displacement_var",
-                  "acceleration_mean", "largest_step", "jump", "travel", "straightness")
+                  "acceleration_mean", "largest_step", "jump", "travel", "reach", "straightness")
 SUMMARY_KEYS = ("colour_ok", "shape_ok", "colour_frames_ok", "shape_frames_ok", *COHERENCE_KEYS)
 
 
@@ -423,14 +426,14 @@ def plot(report: dict) -> bytes:
     panel(30, "text fidelity and identity across frames (share)", names, series, 1.0)
     per_frame = [("displacement_mean", "step\nmean"), ("displacement_var", "step\nstd"),
                  ("acceleration_mean", "|2nd diff|\nmean"), ("largest_step", "largest\nstep")]
-    whole = [("travel", "travel\nfirst-last"), ("straightness", "straight-\nness")]
+    whole = [("travel", "travel\nfirst-last"), ("reach", "reach\nfrom first"), ("straightness", "straight-\nness")]
 
     def values(figures, motion):
         return [None if figures[k] is None else (figures[k] ** 0.5 if k.endswith("var") else figures[k])
                 for k, _ in motion]
 
     for x0, title, motion in ((520, "per frame, frame sizes (std, 2nd diff, largest: lower = smoother)", per_frame),
-                              (1010, "over the video: travel (frame sizes), travel / path length", whole)):
+                              (1010, "over the video: travel, reach (frame sizes), travel / path", whole)):
         series = [(model, colours[model], values(m["overall"], motion)) for model, m in report["models"].items()]
         series.append(("ground truth", colours["ground truth"], values(report["judge"]["reference"], motion)))
         top = max([v for _, _, vs in series for v in vs if v is not None] + [1e-3])
@@ -550,6 +553,6 @@ def cmd_eval(args) -> int:
                       f"shape {g['shape_accuracy']:.0%}  "
                       f"identity {g['colour_identity']:.0%}/{g['shape_identity']:.0%}  "
                       f"step {_fmt(g['displacement_mean'])} ± {_fmt(g['displacement_var'], sqrt=True)}  "
-                      f"largest {_fmt(g['largest_step'])}  jumps {_fmt_share(g['jump'])}",
+                      f"largest {_fmt(g['largest_step'])}  jumps {_fmt_share(g['jump'])}  reach {_fmt(g['reach'])}",
                       file=sys.stderr)
     return 0

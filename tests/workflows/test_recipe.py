@@ -255,6 +255,17 @@ def test_straightness_tells_motion_from_jitter_in_place():
     jitter = np.stack([draw("circle", "red", 32 + 2 * (-1) ** t, 32, 8, 64) for t in range(12)]).transpose(3, 0, 1, 2)
     shaking = evaluate.video_metrics(evaluate.judge_frames(jitter), "red", "circle")
     assert shaking["straightness"] < 0.1 and shaking["displacement_mean"] > 0.05
+    assert abs(straight["reach"] - 22 / 64) < 0.02 and shaking["reach"] < 5 / 64
+
+
+def test_reach_tells_a_bounce_from_standing_still():
+    """Across the frame and back: it travels nowhere, but it reached 24 px from where it started."""
+    from workflows.synth import draw
+
+    xs = [16 + 4 * t for t in range(7)] + [40 - 4 * t for t in range(1, 7)]
+    bounce = np.stack([draw("square", "blue", x, 32, 6, 64) for x in xs]).transpose(3, 0, 1, 2)
+    m = evaluate.video_metrics(evaluate.judge_frames(bounce), "blue", "square")
+    assert m["travel"] < 0.01 and abs(m["reach"] - 24 / 64) < 0.01 and m["straightness"] < 0.01
 
 
 def test_synth_videos_move_at_the_given_speed(tmp_path):
