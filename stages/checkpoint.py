@@ -8,81 +8,24 @@ Weights are safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import posixpath
-import tempfile
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import safetensors.torch
 import torch
 from torch import nn
 
 from stages.cascade import build_stage
 from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
-
-_IMPORT_UMASK = os.umask(0o022)
-os.umask(_IMPORT_UMASK)
+from stages.errors import UserError
+from stages.fsio import absolute, join, read_bytes, write_bytes_atomic  # noqa: F401  (re-exported)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 UNET2D_FILE = "unet2d.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the URL."""
-
-
-def join(url: str, *parts: str) -> str:
-    return posixpath.join(url.rstrip("/"), *parts) if "://" in url else os.path.join(url, *parts)
-
-
-def absolute(url: str) -> str:
-    """``url`` with a relative local path made absolute (against the current directory); other URLs as given."""
-    return url if "://" in url else os.path.abspath(url)
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` so that a reader sees either the old object or the whole new one.
-
-    Local files go to a temporary file in the same directory, then ``os.replace``; object stores
-    (S3) make a single PUT visible atomically.
-    """
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-        os.chmod(tmp, 0o666 & ~_umask())
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return _IMPORT_UMASK
-
-
-def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
-        return f.read()
 
 
 def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:

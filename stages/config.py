@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from stages.errors import UserError
+from stages.fsio import yaml_problem
+
 STAGE_NAMES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
 FRAME_STAGES = STAGE_NAMES[STAGE_NAMES.index("decoder"):]  # the cascade's stages whose output is frames
 
@@ -22,7 +25,7 @@ SAMPLERS = ("ddim", "dpm++")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or mapping that does not describe a valid stage."""
 
 
@@ -412,14 +415,6 @@ def load_yaml(cls: type[T], text: str, where: str = "") -> T:
     except yaml.YAMLError as e:
         raise ConfigError(f"{where or cls.__name__}: {yaml_problem(e)}") from None
     return from_dict(cls, data if data is not None else {}, where)
-
-
-def yaml_problem(e: yaml.YAMLError) -> str:
-    """One line for a YAML error: where and what (PyYAML's own message spans several lines)."""
-    mark = getattr(e, "problem_mark", None)
-    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return f"invalid YAML{at}: {problem}"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

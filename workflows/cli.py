@@ -15,19 +15,9 @@ import sys
 import time
 import warnings
 
+from stages.errors import UserError
+from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError
 from workflows.presets import DEFAULT_MODEL
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class CliError(Exception):
-    """An error reported as one line, no traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 class StageProgressPrinter:
     """Per-stage progress on stderr: a live line on a terminal, one line per finished stage otherwise."""
@@ -236,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "batch_size", 1) < 1:
             raise CliError("--batch-size must be >= 1")
         return args.func(args)
-    except CliError as e:
+    except UserError as e:
         print(f"mav: error: {e}", file=sys.stderr)
-        return e.code
+        return getattr(e, "code", EXIT_USAGE)
     except KeyboardInterrupt:
         print("mav: interrupted", file=sys.stderr)
         return 130

@@ -523,7 +523,7 @@ def add_parsers(sub) -> None:
 
 def cmd_eval(args) -> int:
     from stages.checkpoint import load_bundle_config
-    from workflows.cli import CliError
+    from workflows.errors import CliError
     from workflows.inputs import InputError
 
     try:

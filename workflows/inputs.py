@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import fsspec
 
+from stages.errors import UserError
+
 COLUMNS = ("prompt", "seed", "fps", "negative_prompt", "id", "steps", "guidance")
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A prompt source that cannot be read; the message names it."""
 
 

@@ -12,7 +12,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.checkpoint import join, write_bytes_atomic
+from stages.fsio import is_local, join, write_bytes_atomic
 
 __all__ = ["check_writable", "is_local", "join", "safe_name", "write_bytes_atomic"]
 
@@ -27,10 +27,6 @@ def safe_name(text: str, max_len: int = 48) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", norm).strip("-")[:max_len].strip("-") or "video"
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{slug}-{digest}"
-
-
-def is_local(url: str) -> bool:
-    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
 
 
 def check_writable(directory: str) -> None:

@@ -32,6 +32,7 @@ class Request:
     steps: int | None = None        # sampling steps for every diffusion stage (None: each stage's preset value)
     guidance: float | None = None   # decoder guidance scale w (None: the preset's)
     negative_prompt: str = ""       # the prior's unconditional branch
+    motion: tuple[float, float] | None = None  # motion guidance (dy, dx), frame sizes per keyframe; None: off
     id: str = ""
 
     def __post_init__(self) -> None:
@@ -55,6 +56,23 @@ def validate_request(r: Request) -> None:
         or not 0 <= r.guidance <= 50
     ):
         raise ValueError(f"guidance: must be a number in 0..50, got {r.guidance!r}")
+    if r.motion is not None:
+        check_motion(r.motion)
+
+
+MAX_MOTION = 0.5  # frame sizes per keyframe: faster than this, neighbouring keyframes share no noise
+
+
+def check_motion(motion) -> tuple[float, float]:
+    """Motion guidance as the user gave it -> (dy, dx) in frame sizes per keyframe; ValueError naming
+    ``motion`` if it is not two finite numbers in [-MAX_MOTION, MAX_MOTION]."""
+    ok = isinstance(motion, (list, tuple, np.ndarray)) and len(motion) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
+        and abs(v) <= MAX_MOTION for v in motion)
+    if not ok:
+        raise ValueError(f"motion: must be two numbers [dy, dx] in -{MAX_MOTION}..{MAX_MOTION} (frame sizes per "
+                         f"keyframe), got {motion!r}")
+    return float(motion[0]), float(motion[1])
 
 
 def to_batch(requests: list[Request]) -> dict[str, np.ndarray]:
@@ -67,6 +85,8 @@ def to_batch(requests: list[Request]) -> dict[str, np.ndarray]:
         "fps": np.array([r.fps for r in requests], dtype=np.int64),
         "steps": np.array([r.steps or 0 for r in requests], dtype=np.int64),
         "guidance": np.array([np.nan if r.guidance is None else r.guidance for r in requests], dtype=np.float32),
+        "motion": np.array([(np.nan, np.nan) if r.motion is None else r.motion for r in requests],
+                           dtype=np.float32).reshape(len(requests), 2),
     }
 
 

@@ -238,7 +238,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_recipe(args) -> int:
-    from workflows.cli import EXIT_USAGE, CliError
+    from workflows.errors import EXIT_USAGE, CliError
     from workflows.train import init_ray_for_training
     from workflows.train_data import DataError
 

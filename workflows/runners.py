@@ -6,7 +6,8 @@ pipeline chains them; the Ray batch job runs each as an actor pool; Serve wraps 
 
 Row columns: ``prompt`` and ``negative_prompt`` (str), ``seed`` (int64), ``fps`` (int64, keyframe rate
 D^t is conditioned on), ``steps`` (int64, 0 = each stage's preset value), ``guidance`` (float32, NaN =
-the decoder's preset value). Frames cross stages as uint8 ``b 3 f h w``.
+the decoder's preset value), ``motion`` (float32 ``b 2``, optional: motion guidance (dy, dx) in frame sizes
+per keyframe, NaN = none). Frames cross stages as uint8 ``b 3 f h w``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class DecoderRunner(StageRunner):
     def run(self, batch, steps):
         guidance = np.asarray(batch["guidance"], dtype=np.float32)
         guidance = np.where(np.isnan(guidance), self.cfg.diffusion.guidance, guidance)
+        motion = batch.get("motion")
+        if motion is not None:
+            motion = np.asarray(motion, dtype=np.float32).reshape(len(guidance), 2)
+            motion = None if np.isnan(motion).all() else torch.from_numpy(motion)
         video = cascade.decode(
             self.net,
             self.cfg,
@@ -156,6 +161,7 @@ class DecoderRunner(StageRunner):
             _seeds(batch),
             steps=steps,
             guidance=torch.from_numpy(guidance),
+            motion=motion,
             progress=self._progress,
         )
         return {"video": to_uint8(video)}

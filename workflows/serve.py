@@ -777,7 +777,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from stages.checkpoint import CheckpointError
-    from workflows.cli import CliError
+    from workflows.errors import CliError
     from workflows.outputs import check_writable
 
     try:

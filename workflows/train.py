@@ -560,7 +560,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from workflows.cli import EXIT_USAGE, CliError
+    from workflows.errors import EXIT_USAGE, CliError
     from workflows.train_data import DataError
 
     try:
@@ -588,7 +588,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from workflows.cli import CliError
+    from workflows.errors import CliError
     from workflows.synth import parse_holdout, synth
 
     if args.images < 0 or args.videos < 0:

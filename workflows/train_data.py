@@ -16,11 +16,13 @@ import tempfile
 import fsspec
 import numpy as np
 
+from stages.errors import UserError
+
 IMAGE_EXTS = (".parquet", ".tar")
 VIDEO_EXTS = (".mp4",)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be found or opened; the message names it."""
 
 

@@ -15,7 +15,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from workflows.cli import EXIT_USAGE, StageProgressPrinter, main
+from workflows.cli import StageProgressPrinter, main
+from workflows.errors import EXIT_USAGE
 from workflows.video import decode_mp4
 
 # Prompt 0 of every successful run below: seed 3, keyframes at 4 fps, so the video plays at 4 × skip.

@@ -159,7 +159,7 @@ def test_judge_reference_moves_at_the_rate_of_the_judged_videos():
 
 
 def test_eval_refuses_prompts_it_cannot_judge(bundle, tmp_path):
-    from workflows.cli import CliError
+    from workflows.errors import CliError
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red ball bouncing\n")
