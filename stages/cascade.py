@@ -16,7 +16,8 @@ from torch import nn
 
 from stages.clip import ClipModel
 from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHighConfig, SRLowConfig
-from stages.diffusion import Progress, add_noise, drift_offsets, frame_noise, randn, sample, stage_generators
+from stages.diffusion import Progress, add_noise, sample
+from stages.noise import frame_noise, randn, stage_generators
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
 
@@ -97,35 +98,24 @@ def decode(
     *,
     steps: int | None = None,
     guidance: float | torch.Tensor | None = None,
+    motion: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0.
 
-    With ``sample_frame_noise_drift`` D^t samples twice from the same draws: first from noise whose common
-    part stands still, which places the object; then from noise whose common part moves along a path that
-    starts where the first sample's first frame shows the object and reflects where the object meets the
-    frame's edge (:func:`stages.diffusion.drift_offsets`), as the training clips' content, whose noise moved
-    with it (``frame_noise_flow``), did."""
+    ``motion`` (``b 2``, (dy, dx) in frame sizes per keyframe; NaN rows: none) is motion guidance: the
+    initial noise's common part moves along that straight path (``stages.noise.frame_noise``), and what it
+    lays out moves with it. Off by default: D^t's keyframes then move as its temporal layers learned."""
     dev, dt = _device(decoder), _dtype(decoder)
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
-    shape = (3, cfg.frames, cfg.size, cfg.size)
+    noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), stage_generators(seeds, "decoder"), dev, dt,
+                        shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive,
+                        motion=motion)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
-    drift = cfg.diffusion.sample_frame_noise_drift
-
-    def run(offsets: torch.Tensor | None, report: Progress | None) -> torch.Tensor:
-        noise = frame_noise(shape, stage_generators(seeds, "decoder"), dev, dt, cfg.diffusion.sampling_shared,
-                            cfg.diffusion.sampling_progressive, offsets=offsets)
-        return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance,
-                      progress=report)
-
-    if not drift:
-        return run(None, progress)
-    half = None if progress is None else (lambda i, n: progress(i, 2 * n))
-    placed = run(torch.zeros(len(seeds), cfg.frames, 2), half)
-    path = drift_offsets(placed[:, :, 0], cfg.frames, drift, stage_generators(seeds, "decoder-drift"))
-    return run(path, None if progress is None else (lambda i, n: progress(n + i, 2 * n)))
+    return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance,
+                  progress=progress)
 
 
 def infill_inputs(frames: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -162,7 +152,7 @@ def infill(
         "fps": fps.to(dev, torch.float32),
     }
     noise = frame_noise(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt,
-                        cfg.diffusion.sampling_shared, cfg.diffusion.sampling_progressive)
+                        shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive)
     out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
     if not cfg.keep_given_frames:
         return out
@@ -227,8 +217,8 @@ def super_resolve_video(
     aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
     level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
     cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
-    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt, cfg.diffusion.sampling_shared,
-                        cfg.diffusion.sampling_progressive)
+    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt,
+                        shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive)
     return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
 
 

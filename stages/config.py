@@ -8,6 +8,7 @@ is a YAML mapping with one section per stage.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,12 +30,6 @@ class ConfigError(UserError):
     """A config file or mapping that does not describe a valid stage."""
 
 
-# The correlation of a video's noise across frames, for training and sampling (stages.diffusion.frame_noise).
-FRAME_NOISE_SHARES = ("frame_noise_shared", "sample_frame_noise_shared", "frame_noise_progressive",
-                      "sample_frame_noise_progressive")
-FRAME_NOISE_FIELDS = FRAME_NOISE_SHARES + ("frame_noise_flow", "sample_frame_noise_drift")
-
-
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
     train_timesteps: int = 1000         # T of the forward process q(x_t | x_0)
@@ -45,12 +40,6 @@ class DiffusionConfig:
     guidance: float = 1.0               # classifier-free guidance scale w; 1 disables the unconditional pass
     clip_sample: bool = True            # clamp predicted x_0 to [-1, 1] (pixel stages)
     cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
-    frame_noise_shared: float = 0.0     # video stages: share ρ of the noise variance common to all frames
-    sample_frame_noise_shared: float | None = None  # ρ of the initial noise when sampling; None: frame_noise_shared
-    frame_noise_progressive: float = 0.0  # video stages: correlation r of the per-frame noise between neighbours
-    sample_frame_noise_progressive: float | None = None  # r when sampling; None: frame_noise_progressive
-    frame_noise_flow: bool = False      # video stages, training: the common part moves with the clip's content
-    sample_frame_noise_drift: tuple[float, ...] = ()  # D^t sampling: the common part drifts (low, high) widths/frame
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -63,41 +52,85 @@ class DiffusionConfig:
             raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        for name in FRAME_NOISE_SHARES:
+
+
+# Keys of DiffusionConfig that earlier bundles and presets carried, now FrameNoiseConfig's (old -> new).
+_FRAME_NOISE_KEYS = {"frame_noise_shared": "shared", "sample_frame_noise_shared": "sample_shared",
+                     "sample_frame_noise_progressive": "sample_progressive"}
+# Earlier keys whose meaning is gone: dropped with a notice that says what replaced them.
+_RETIRED_KEYS = {
+    "frame_noise_progressive": "progressive noise in training was retired (where sampling had no r of its own, "
+                               "its r is now frame_noise.sample_progressive); retraining uses independent "
+                               "per-frame noise",
+    "frame_noise_flow": "training noise that follows a clip's content was retired; sampling is unaffected",
+    "sample_frame_noise_drift": "the sampling drift was replaced by motion guidance, a per-prompt option "
+                                "(mav generate --motion DY DX); this stage now samples from what it learned",
+}
+_OFF = (None, 0, 0.0, False, (), [])
+
+
+def _migrate_diffusion(data: dict, where: str, frames: bool) -> dict:
+    """Move an earlier bundle's flat frame-noise keys of ``data['diffusion']`` into ``data['frame_noise']``
+    (``frames``: the stage has a frame-noise config) and drop retired ones, each with a notice."""
+    diffusion = data.get("diffusion")
+    if not isinstance(diffusion, dict) or not set(diffusion) & (set(_FRAME_NOISE_KEYS) | set(_RETIRED_KEYS)):
+        return data
+    data, diffusion = dict(data), dict(diffusion)
+    log = logging.getLogger(__name__)
+    moved = {}
+    for old, new in _FRAME_NOISE_KEYS.items():
+        value = diffusion.pop(old, None)
+        if value not in _OFF:
+            if not frames:
+                raise ConfigError(f"{where}.diffusion.{old}: this stage's noise is not correlated across frames; "
+                                  "delete the key")
+            moved[new] = value
+    training_r = diffusion.get("frame_noise_progressive")
+    if frames and training_r not in _OFF and "sample_progressive" not in moved:
+        moved["sample_progressive"] = training_r
+    for old, what in _RETIRED_KEYS.items():
+        if old in diffusion and diffusion.pop(old) not in _OFF:
+            log.warning("%s.diffusion.%s: %s", where, old, what)
+    data["diffusion"] = diffusion
+    if moved:
+        if "frame_noise" in data:
+            raise ConfigError(f"{where}: both frame_noise and the earlier diffusion.frame_noise_* keys are set; "
+                              "keep frame_noise")
+        data["frame_noise"] = moved
+        log.warning("%s: the earlier diffusion.*frame_noise* keys read as frame_noise: %s (save the config "
+                    "again to update it)", where, moved)
+    return data
+
+
+def _migrate_unet(data: dict, where: str) -> dict:
+    unet = data.get("unet")
+    if isinstance(unet, dict) and "temporal_fps" in unet:
+        if unet["temporal_fps"] is not False:
+            raise ConfigError(f"{where}.unet.temporal_fps: fps in the temporal layers was retired (the weights "
+                              "hold layers no network builds now); retrain the stage without it")
+        data = {**data, "unet": {k: v for k, v in unet.items() if k != "temporal_fps"}}
+    return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrameNoiseConfig:
+    """How a video's noise is correlated across its frames (PYoCo's mixed and progressive noise,
+    ``stages.noise.frame_noise``): only the stages whose output has frames have one."""
+
+    shared: float = 0.0                 # ρ: share of the noise variance common to all frames (training and sampling)
+    sample_shared: float | None = None  # ρ when sampling; None: shared
+    sample_progressive: float = 0.0     # r: correlation of neighbouring frames' per-frame parts when sampling
+
+    def __post_init__(self) -> None:
+        for name in ("shared", "sample_shared", "sample_progressive"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {value}")
-        drift = self.sample_frame_noise_drift
-        if drift and not (len(drift) == 2 and 0.0 <= drift[0] <= drift[1] <= 0.5):
-            raise ConfigError(f"sample_frame_noise_drift must be [low, high] with 0 <= low <= high <= 0.5 "
-                              f"(frame widths per frame), got {list(drift)}")
-        if self.frame_noise_flow and not self.frame_noise_shared:
-            raise ConfigError("frame_noise_flow moves the noise's common part: set frame_noise_shared above 0")
-        if drift and not self.sampling_shared:
-            raise ConfigError("sample_frame_noise_drift moves the noise's common part: set a sampling ρ above 0")
+                raise ConfigError(f"frame_noise.{name} must be in [0, 1), got {value}")
 
     @property
     def sampling_shared(self) -> float:
-        """ρ of the initial noise a sample starts from: the training ρ unless sampling sets its own."""
-        return self.frame_noise_shared if self.sample_frame_noise_shared is None else self.sample_frame_noise_shared
-
-    @property
-    def sampling_progressive(self) -> float:
-        """r of the initial noise a sample starts from: the training r unless sampling sets its own."""
-        if self.sample_frame_noise_progressive is None:
-            return self.frame_noise_progressive
-        return self.sample_frame_noise_progressive
-
-    @property
-    def frame_noise_set(self) -> bool:
-        """Whether any frame-noise correlation is set (meaningless for the image and per-frame stages)."""
-        return any(getattr(self, name) for name in FRAME_NOISE_FIELDS)
-
-
-def _check_no_drift(stage: str, diffusion: DiffusionConfig) -> None:
-    if diffusion.sample_frame_noise_drift:
-        raise ConfigError(f"{stage}: sample_frame_noise_drift is D^t's (its path starts at the object D^t first "
-                          "draws); the frames this stage is given already move: leave it unset")
+        """ρ of the initial noise a sample starts from."""
+        return self.shared if self.sample_shared is None else self.sample_shared
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,10 +196,9 @@ class PriorConfig:
         default_factory=lambda: DiffusionConfig(prediction_type="sample", clip_sample=False, guidance=4.0, steps=10)
     )
 
-    def __post_init__(self) -> None:
-        if self.diffusion.frame_noise_set:
-            raise ConfigError(f"prior: diffusion.{', '.join(FRAME_NOISE_FIELDS)} apply to video stages only; "
-                              "leave them unset")
+    @staticmethod
+    def migrate(data: dict, where: str) -> dict:
+        return _migrate_diffusion(data, where, frames=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,15 +212,12 @@ class UNetConfig:
     temporal: bool = True                 # pseudo-3D layers: temporal conv after each 2D conv, temporal attention after each spatial one
     temporal_kernel: int = 3              # 1D temporal conv kernel size (odd)
     temporal_heads: int = 4
-    temporal_fps: bool = False            # fps also reaches every temporal layer (stages/temporal.py; D^t, ↑F)
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.block_out_channels):
             raise ConfigError(
                 f"attention has {len(self.attention)} entries but block_out_channels has {len(self.block_out_channels)}"
             )
-        if self.temporal_fps and not self.temporal:
-            raise ConfigError("temporal_fps needs temporal layers (temporal: true)")
         if self.temporal_kernel % 2 != 1:
             raise ConfigError(f"temporal_kernel must be odd, got {self.temporal_kernel}")
         for c in self.block_out_channels:
@@ -204,6 +233,11 @@ class DecoderConfig:
     context_tokens: int = 4         # y_e projected into this many extra cross-attention tokens
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=3.0, steps=25))
+    frame_noise: FrameNoiseConfig = field(default_factory=FrameNoiseConfig)
+
+    @staticmethod
+    def migrate(data: dict, where: str) -> dict:
+        return _migrate_unet(_migrate_diffusion(data, where, frames=True), where)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,11 +247,15 @@ class InterpolationConfig:
     context_tokens: int = 4
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=1.0, steps=10))
+    frame_noise: FrameNoiseConfig = field(default_factory=FrameNoiseConfig)
     keep_given_frames: bool = True  # output the given frames as they came in; false: ↑F's own rendering of them
 
     def __post_init__(self) -> None:
         _check_positive("skip", self.skip)
-        _check_no_drift("interpolation", self.diffusion)
+
+    @staticmethod
+    def migrate(data: dict, where: str) -> dict:
+        return _migrate_unet(_migrate_diffusion(data, where, frames=True), where)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,16 +271,19 @@ class SuperResConfig:
             raise ConfigError(f"out_size={self.out_size} must exceed in_size={self.in_size}")
         if self.unet.cross_attention_dim is not None:
             raise ConfigError("super-resolution networks take no context tokens: set unet.cross_attention_dim to null")
-        if self.unet.temporal_fps:
-            raise ConfigError("super-resolution networks are not conditioned on fps: set unet.temporal_fps to false")
         if not 0 <= self.noise_level < self.diffusion.train_timesteps:
             raise ConfigError(f"noise_level must be in 0..{self.diffusion.train_timesteps - 1}, got {self.noise_level}")
-        _check_no_drift("super-resolution", self.diffusion)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SRLowConfig(SuperResConfig):
     """SR_l^t: spatiotemporal super-resolution."""
+
+    frame_noise: FrameNoiseConfig = field(default_factory=FrameNoiseConfig)
+
+    @staticmethod
+    def migrate(data: dict, where: str) -> dict:
+        return _migrate_unet(_migrate_diffusion(data, where, frames=True), where)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,10 +299,11 @@ class SRHighConfig(SuperResConfig):
         super().__post_init__()
         if self.unet.temporal:
             raise ConfigError("sr_high is spatial-only: set unet.temporal to false")
-        if self.diffusion.frame_noise_set:
-            raise ConfigError(f"sr_high: every frame already starts from the same noise; "
-                              f"leave diffusion.{', '.join(FRAME_NOISE_FIELDS)} unset")
         _check_positive("frame_batch", self.frame_batch)
+
+    @staticmethod
+    def migrate(data: dict, where: str) -> dict:
+        return _migrate_unet(_migrate_diffusion(data, where, frames=False), where)
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -332,6 +374,9 @@ def from_dict(cls: type[T], data: Any, where: str = "", base: T | None = None) -
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:  # keys of earlier layouts, read into today's or refused with what to do
+        data = migrate(data, where or cls.__name__)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -11,15 +11,6 @@ so an inflated network computes exactly what the 2D network computed, frame by f
 
 The diffusers 2D U-Net keeps running on ``(b f) c h w`` tensors; the wrapped layers read
 the frame count from a shared :class:`FrameContext` to fold frames back out.
-
-With ``fps_dim`` the frame rate reaches every temporal layer itself, not only the timestep
-embedding that the 2D ResNet blocks add to their features: from fps features e (``b fps_dim``),
-a temporal conv scales its temporal part per channel,
-
-    Conv_P3D(h) = h' + (1 + W_c e) ⊙ (Conv_1D(h') − h'),   h' = Conv_2D(h),
-
-and a temporal attention adds W_a e to every frame's token before its query, key and value. Both
-W start at zero, so the layers compute what they computed without fps.
 """
 
 from __future__ import annotations
@@ -38,7 +29,6 @@ class FrameContext:
     def __init__(self) -> None:
         self.frames = 1
         self.enabled = True
-        self.fps_features: torch.Tensor | None = None  # ``b fps_dim``, for temporal layers built with fps_dim
 
     @property
     def active(self) -> bool:
@@ -46,26 +36,10 @@ class FrameContext:
         return self.enabled and self.frames > 1
 
 
-def _fps_projection(fps_dim: int, channels: int) -> nn.Linear | None:
-    if not fps_dim:
-        return None
-    proj = nn.Linear(fps_dim, channels)
-    nn.init.zeros_(proj.weight)
-    nn.init.zeros_(proj.bias)
-    return proj
-
-
-def _fps_term(proj: nn.Linear, context: FrameContext, pixels: int) -> torch.Tensor:
-    """W e for every pixel's sequence: ``(b h w) c``."""
-    if context.fps_features is None:
-        raise ValueError("this network's temporal layers are conditioned on fps: pass fps")
-    return proj(context.fps_features).repeat_interleave(pixels, dim=0)
-
-
 class PseudoConv3d(nn.Module):
     """Conv_2D on every frame, then Conv_1D over frames at every pixel (eq. 2)."""
 
-    def __init__(self, spatial: nn.Conv2d, context: FrameContext, kernel: int = 3, fps_dim: int = 0) -> None:
+    def __init__(self, spatial: nn.Conv2d, context: FrameContext, kernel: int = 3) -> None:
         super().__init__()
         self.spatial = spatial
         self.context = context
@@ -73,7 +47,6 @@ class PseudoConv3d(nn.Module):
         self.temporal_conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2)
         nn.init.dirac_(self.temporal_conv.weight)
         nn.init.zeros_(self.temporal_conv.bias)
-        self.temporal_fps = _fps_projection(fps_dim, channels)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: ``(b f) c h w`` -> ``(b f) c' h' w'``."""
@@ -83,9 +56,6 @@ class PseudoConv3d(nn.Module):
         h, w = x.shape[-2:]
         x = rearrange(x, "(b f) c h w -> (b h w) c f", f=self.context.frames)
         y = self.temporal_conv(x)
-        if self.temporal_fps is not None:
-            scale = _fps_term(self.temporal_fps, self.context, h * w)
-            y = x + (1 + scale[:, :, None]) * (y - x)
         return rearrange(y, "(b h w) c f -> (b f) c h w", h=h, w=w)
 
 
@@ -103,7 +73,7 @@ def frame_positions(frames: int, dim: int, device: torch.device, dtype: torch.dt
 class TemporalAttention(nn.Module):
     """Self-attention over frames at every pixel, added residually; output projection starts at zero."""
 
-    def __init__(self, channels: int, heads: int, context: FrameContext, fps_dim: int = 0) -> None:
+    def __init__(self, channels: int, heads: int, context: FrameContext) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels={channels} must be divisible by temporal heads={heads}")
@@ -114,7 +84,6 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
-        self.fps_proj = _fps_projection(fps_dim, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(b f) c h w`` -> same shape."""
@@ -124,8 +93,6 @@ class TemporalAttention(nn.Module):
         h, w = x.shape[-2:]
         tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=f)
         y = self.norm(tokens) + frame_positions(f, tokens.shape[-1], x.device, x.dtype)
-        if self.fps_proj is not None:
-            y = y + _fps_term(self.fps_proj, self.context, h * w)[:, None, :]
         q, k, v = rearrange(self.to_qkv(y), "n f (three nh d) -> three n nh f d", three=3, nh=self.heads)
         y = F.scaled_dot_product_attention(q, k, v)
         y = self.to_out(rearrange(y, "n nh f d -> n f (nh d)"))
@@ -136,10 +103,10 @@ class TemporalAttention(nn.Module):
 class PseudoAttention(nn.Module):
     """The pretrained spatial attention block on every frame, then temporal attention (eq. 3)."""
 
-    def __init__(self, spatial: nn.Module, channels: int, heads: int, context: FrameContext, fps_dim: int = 0) -> None:
+    def __init__(self, spatial: nn.Module, channels: int, heads: int, context: FrameContext) -> None:
         super().__init__()
         self.spatial = spatial
-        self.temporal_attn = TemporalAttention(channels, heads, context, fps_dim)
+        self.temporal_attn = TemporalAttention(channels, heads, context)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = self.spatial(hidden_states, *args, **kwargs)
@@ -160,13 +127,12 @@ def _attention_channels(module: nn.Module) -> int:
     raise ValueError(f"cannot tell the channel count of attention block {type(module).__name__}")
 
 
-def inflate(unet: nn.Module, *, kernel: int = 3, heads: int = 4, fps_dim: int = 0) -> FrameContext:
+def inflate(unet: nn.Module, *, kernel: int = 3, heads: int = 4) -> FrameContext:
     """Turn a diffusers 2D U-Net (``UNet2DModel`` or ``UNet2DConditionModel``) pseudo-3D, in place.
 
     Every ResNet block's two 3x3 convs become :class:`PseudoConv3d`; every entry of an
-    ``attentions`` list (spatial self/cross-attention blocks) becomes :class:`PseudoAttention`;
-    with ``fps_dim`` each temporal layer also reads ``fps_dim`` fps features (module docstring).
-    Returns the :class:`FrameContext` through which the caller sets the frame count (and fps features).
+    ``attentions`` list (spatial self/cross-attention blocks) becomes :class:`PseudoAttention`.
+    Returns the :class:`FrameContext` through which the caller sets the frame count.
     The inflated network is function-preserving: on a video it equals the 2D network on each frame.
     """
     from diffusers.models.resnet import ResnetBlock2D
@@ -176,18 +142,18 @@ def inflate(unet: nn.Module, *, kernel: int = 3, heads: int = 4, fps_dim: int = 
     context = FrameContext()
     for module in list(unet.modules()):
         if isinstance(module, ResnetBlock2D):
-            module.conv1 = PseudoConv3d(module.conv1, context, kernel, fps_dim)
-            module.conv2 = PseudoConv3d(module.conv2, context, kernel, fps_dim)
+            module.conv1 = PseudoConv3d(module.conv1, context, kernel)
+            module.conv2 = PseudoConv3d(module.conv2, context, kernel)
         attentions = getattr(module, "attentions", None)
         if isinstance(attentions, nn.ModuleList):
             for i, attn in enumerate(attentions):
                 if attn is None:  # diffusers keeps None placeholders where attention is switched off
                     continue
-                attentions[i] = PseudoAttention(attn, _attention_channels(attn), heads, context, fps_dim)
+                attentions[i] = PseudoAttention(attn, _attention_channels(attn), heads, context)
     return context
 
 
-TEMPORAL_KEYS = (".temporal_conv.", ".temporal_fps.", ".temporal_attn.")  # what inflate adds, by name
+TEMPORAL_KEYS = (".temporal_conv.", ".temporal_attn.")  # what inflate adds, by name
 
 
 def _is_temporal(name: str) -> bool:

@@ -5,8 +5,7 @@ Conditioning enters three ways:
   * y_e (CLIP image embedding): added to the timestep embedding, and as ``context_tokens`` extra
     cross-attention tokens (decoder and interpolation);
   * fps: a sinusoidal embedding added to the timestep embedding, its last layer zero-initialised so
-    that adding it to a pretrained image network changes nothing at first; with ``temporal_fps``, its
-    sinusoidal features also reach every temporal layer (stages/temporal.py);
+    that adding it to a pretrained image network changes nothing at first;
   * frames on the channel axis (``cond_frames``): masked frames + mask for ↑F, the upsampled
     low-resolution video for SR (as improved-diffusion's SuperResModel), with a noise-level embedding.
 """
@@ -22,9 +21,6 @@ from torch import nn
 
 from stages.config import UNetConfig
 from stages.temporal import FrameContext, inflate
-
-TEMPORAL_FPS_DIM = 32  # sinusoidal fps features read by the temporal layers (UNetConfig.temporal_fps)
-
 
 def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
     """``b`` scalars -> ``b dim`` sinusoidal features (as diffusers' Timesteps, flip_sin_to_cos)."""
@@ -131,11 +127,8 @@ class VideoUNet(nn.Module):
         self.image_tokens = nn.Linear(image_embed_dim, context_tokens * cross) if context_tokens else None
         self.fps_embed = ScalarEmbedding(temb, scale=1.0) if fps_cond else None
         self.noise_level_embed = ScalarEmbedding(temb, scale=1.0) if noise_level_cond else None
-        if cfg.temporal_fps and not fps_cond:
-            raise ValueError("temporal_fps needs a network conditioned on fps (D^t, ↑F)")
         self.frame_context = (
-            inflate(self.unet, kernel=cfg.temporal_kernel, heads=cfg.temporal_heads, fps_dim=temporal_fps_dim(cfg))
-            if cfg.temporal else FrameContext()
+            inflate(self.unet, kernel=cfg.temporal_kernel, heads=cfg.temporal_heads) if cfg.temporal else FrameContext()
         )
         self._lock = threading.Lock()
 
@@ -184,13 +177,10 @@ class VideoUNet(nn.Module):
             cond = cond + self.image_proj(image_embeds.to(x.dtype))
             if self.image_tokens is not None:
                 tokens = rearrange(self.image_tokens(image_embeds.to(x.dtype)), "b (k d) -> b k d", k=self.context_tokens)
-        fps_features = None
         if self.fps_embed is not None:
             if fps is None:
                 raise ValueError("this network is conditioned on fps")
             cond = cond + self.fps_embed(fps.to(x.device))
-            if self.cfg.temporal_fps:
-                fps_features = sinusoidal(fps.to(x.device), TEMPORAL_FPS_DIM).to(x.dtype)
         if self.noise_level_embed is not None:
             if noise_level is None:
                 raise ValueError("this network is conditioned on noise_level")
@@ -203,14 +193,8 @@ class VideoUNet(nn.Module):
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         with self._lock:
             self.frame_context.frames = f
-            self.frame_context.fps_features = fps_features
             out = self.unet(frames, repeat(t, "b -> (b f)", f=f), return_dict=False, **kwargs)[0]
         return rearrange(out, "(b f) c h w -> b c f h w", b=b)
-
-
-def temporal_fps_dim(cfg: UNetConfig) -> int:
-    """Width of the fps features a network of ``cfg`` gives its temporal layers (0: none)."""
-    return TEMPORAL_FPS_DIM if cfg.temporal_fps else 0
 
 
 def widen_input(net: VideoUNet, cond_channels: int) -> VideoUNet:

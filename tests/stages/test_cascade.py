@@ -1,6 +1,5 @@
 """Every stage's shapes, ↑F's kept frames, SR_h's shared noise, and seed determinism across batches."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -43,51 +42,56 @@ def test_stage_shapes(nets, tiny_config):
 
 
 @torch.inference_mode()
-def test_sampling_takes_its_own_frame_noise_share(nets, tiny_config):
-    """D^t's initial noise has the sampling ρ when one is set, the training ρ otherwise."""
+def test_decoder_samples_from_its_frame_noise_settings(nets, tiny_config):
+    """D^t's initial noise has the sampling ρ when one is set, the training ρ otherwise, and its r."""
     from dataclasses import replace
 
-    def keyframes(**shares):
-        cfg = replace(tiny_config.decoder, diffusion=replace(tiny_config.decoder.diffusion, **shares))
+    from stages.config import FrameNoiseConfig
+
+    def keyframes(**frame_noise):
+        cfg = replace(tiny_config.decoder, frame_noise=FrameNoiseConfig(**frame_noise))
         return cascade.decode(nets["decoder"], cfg, torch.randn(1, 32, generator=torch.Generator().manual_seed(0)),
                               torch.tensor([4.0]), [3])
 
-    trained_at_half = keyframes(frame_noise_shared=0.5)
-    sampled_at_09 = keyframes(frame_noise_shared=0.5, sample_frame_noise_shared=0.9)
-    assert torch.equal(sampled_at_09, keyframes(frame_noise_shared=0.9))
+    trained_at_half = keyframes(shared=0.5)
+    sampled_at_09 = keyframes(shared=0.5, sample_shared=0.9)
+    assert torch.equal(sampled_at_09, keyframes(shared=0.9))
     assert not torch.equal(sampled_at_09, trained_at_half)
-    # The same for the progressive noise's r.
-    progressive = keyframes(frame_noise_shared=0.5, sample_frame_noise_progressive=0.95)
-    assert torch.equal(progressive, keyframes(frame_noise_shared=0.5, frame_noise_progressive=0.95))
-    assert not torch.equal(progressive, trained_at_half)
-    # A drift moves the common part: other keyframes, the same ones for the same seed.
-    drifting = keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1))
-    assert torch.equal(drifting, keyframes(frame_noise_shared=0.5, sample_frame_noise_drift=(0.05, 0.1)))
-    assert not torch.equal(drifting, trained_at_half)
-    # It samples twice (first from still noise, to place the object the path starts from): progress counts both.
-    calls = []
-    cfg = replace(tiny_config.decoder, diffusion=replace(tiny_config.decoder.diffusion, frame_noise_shared=0.5,
-                                                         sample_frame_noise_drift=(0.05, 0.1)))
-    again = cascade.decode(nets["decoder"], cfg, torch.randn(1, 32, generator=torch.Generator().manual_seed(0)),
-                           torch.tensor([4.0]), [3], progress=lambda i, n: calls.append((i, n)))
-    steps = cfg.diffusion.steps
-    assert torch.equal(again, drifting) and calls == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]
+    assert not torch.equal(keyframes(shared=0.5, sample_progressive=0.95), trained_at_half)
 
 
 @torch.inference_mode()
-def test_decode_with_fps_in_the_temporal_layers(tiny_config):
-    """D^t with ``temporal_fps`` samples through classifier-free guidance: each video by its own fps and seed,
-    whatever else is in the batch; trained fps projections make the fps change the keyframes."""
+def test_motion_guidance_is_per_sample_and_off_by_default(nets, tiny_config):
+    """``motion`` moves a sample's keyframes only where it is given; a NaN row is the unguided sample exactly."""
     from dataclasses import replace
 
-    cfg = replace(tiny_config.decoder, unet=replace(tiny_config.decoder.unet, temporal_fps=True))
+    from stages.config import FrameNoiseConfig
+
+    cfg = replace(tiny_config.decoder, frame_noise=FrameNoiseConfig(shared=0.9))
+    y = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    fps = torch.tensor([4.0, 4.0])
+    plain = cascade.decode(nets["decoder"], cfg, y, fps, [3, 4])
+    motion = torch.tensor([[0.0, 0.25], [float("nan"), float("nan")]])
+    guided = cascade.decode(nets["decoder"], cfg, y, fps, [3, 4], motion=motion)
+    assert (guided[1] - plain[1]).abs().max() < 1e-4  # batched float sums may differ in the last bits
+    assert (guided[0] - plain[0]).abs().max() > 1e-2
+    assert torch.equal(guided, cascade.decode(nets["decoder"], cfg, y, fps, [3, 4], motion=motion))
+    with pytest.raises(ValueError, match="frame_noise.shared"):  # nothing to move without a common part
+        cascade.decode(nets["decoder"], tiny_config.decoder, y[:1], fps[:1], [3], motion=motion[:1])
+
+
+@torch.inference_mode()
+def test_each_video_is_decoded_at_its_own_fps_through_guidance(tiny_config):
+    """D^t samples through classifier-free guidance with each video's own fps and seed, whatever else is in
+    the batch; a trained fps embedding makes the fps change the keyframes."""
     torch.manual_seed(0)
-    net = cascade.build_stage("decoder", cfg).eval()
+    net = cascade.build_stage("decoder", tiny_config.decoder).eval()
     g = torch.Generator().manual_seed(1)
     for n, p in net.named_parameters():
-        if ".temporal_fps." in n or ".fps_proj." in n or ".temporal_attn.to_out." in n or "fps_embed" in n:
+        if ".temporal_attn.to_out." in n or "fps_embed" in n:
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     y = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(2)), dim=-1)
+    cfg = tiny_config.decoder
     both = cascade.decode(net, cfg, y, torch.tensor([3.0, 24.0]), [5, 6])
     # batched float reductions may differ in the last bits
     assert (both[1:] - cascade.decode(net, cfg, y[1:], torch.tensor([24.0]), [6])).abs().max() < 1e-4
@@ -161,41 +165,3 @@ def test_sr_high_shares_noise_across_frames(nets, tiny_config):
         assert torch.equal(out[:, :, i], out[:, :, 0]), i
     other = cascade.super_resolve_frames(nets["sr_high"], c, video[:, :, :1], [6])
     assert not torch.allclose(other[:, :, 0], out[:, :, 0])  # a different seed gives different detail
-
-
-@torch.inference_mode()
-def test_pipeline_can_stop_after_a_stage(tiny_preset_file, tiny_config):
-    """``until="decoder"``: D^t's keyframes, at the requested rate; the same keyframes ↑F then fills in."""
-    from workflows.pipeline import Pipeline, Request
-
-    request = Request(prompt="a green triangle", seed=11, fps=6)
-    [keyframes] = Pipeline(preset=tiny_preset_file, device="cpu", until="decoder").generate([request])
-    d = tiny_config.decoder
-    assert keyframes.frames.shape == (3, d.frames, d.size, d.size) and keyframes.fps == 6.0
-    [filled] = Pipeline(preset=tiny_preset_file, device="cpu", until="interpolation").generate([request])
-    skip = tiny_config.interpolation.skip
-    assert filled.frames.shape == (3, (d.frames - 1) * skip + 1, d.size, d.size) and filled.fps == 6.0 * skip
-    with pytest.raises(ValueError, match="until must be one of decoder, interpolation, sr_low, sr_high, got 'prior'"):
-        Pipeline(preset=tiny_preset_file, device="cpu", until="prior")
-
-
-def test_seed_determinism_across_batch_composition(tiny_config):
-    """The same prompt and seed give the same video whether alone or batched with other prompts."""
-    from workflows.pipeline import Pipeline, Request
-    from stages.config import dump_yaml
-    import tempfile, os
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "tiny.yaml")
-        with open(path, "w") as f:
-            f.write(dump_yaml(tiny_config))
-        pipe = Pipeline(preset=path, device="cpu")
-        target = Request(prompt="a green triangle", seed=11, fps=6)
-        alone = pipe.generate([target])[0].frames
-        mixed = pipe.generate([Request(prompt="a red ball", seed=3), target, Request(prompt="x", seed=11, steps=3)])
-        again = pipe.generate([target])[0].frames
-    assert np.array_equal(alone, again)
-    diff = np.abs(alone.astype(int) - mixed[1].frames.astype(int))
-    # Batched float reductions may differ in the last bits; after uint8 rounding at most 1 level, rarely.
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-    assert not np.array_equal(mixed[0].frames, alone)

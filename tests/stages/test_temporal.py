@@ -1,7 +1,6 @@
 """Pseudo-3D inflation: function preservation, the switch-off, and which parameters are temporal."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -146,70 +145,3 @@ def test_widen_input_preserves_function():
         ref = net(x, t, **kw)
         out = wide(x, t, cond_frames=torch.randn(1, 4, 3, 16, 16), **kw)
     assert (out - ref).abs().max() < 1e-6
-
-
-def _fps_nets(seed: int):
-    """A D^t-like network with temporal_fps, every weight but the fps projections perturbed, and the same
-    network without temporal_fps holding the same weights."""
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(_cfg(16), temporal_fps=True)
-    net = VideoUNet(cfg, image_embed_dim=12, context_tokens=2, fps_cond=True).eval()
-    fps_keys = {n for n, _ in net.named_parameters() if ".temporal_fps." in n or ".fps_proj." in n}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if n not in fps_keys:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    plain = VideoUNet(dataclasses.replace(cfg, temporal_fps=False), image_embed_dim=12, context_tokens=2,
-                      fps_cond=True).eval()
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k not in fps_keys})
-    return net, plain, fps_keys
-
-
-def test_temporal_fps_layers_start_as_no_ops():
-    net, plain, fps_keys = _fps_nets(4)
-    convs = [m for m in net.modules() if isinstance(m, PseudoConv3d)]
-    attns = [m.temporal_attn for m in net.modules() if isinstance(m, PseudoAttention)]
-    assert all(m.temporal_fps is not None for m in convs) and all(m.fps_proj is not None for m in attns)
-    assert fps_keys <= set(temporal_parameter_names(net))
-    x = torch.randn(1, 3, 4, 16, 16)
-    kw = {"image_embeds": torch.randn(1, 12)}
-    with torch.no_grad():
-        for fps in (2.0, 20.0):
-            assert (net(x, torch.tensor([300]), fps=torch.tensor([fps]), **kw)
-                    - plain(x, torch.tensor([300]), fps=torch.tensor([fps]), **kw)).abs().max() < 1e-5
-
-
-def test_temporal_fps_reaches_the_temporal_layers_only():
-    """Trained fps projections change a video's output, per sample by its own fps, and leave an image's alone."""
-    net, plain, fps_keys = _fps_nets(5)
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if n in fps_keys:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    x = torch.randn(2, 3, 4, 16, 16)
-    t = torch.tensor([300, 300])
-    fps = torch.tensor([3.0, 24.0])
-    kw = {"image_embeds": torch.randn(2, 12)}
-    with torch.no_grad():
-        out, ref = net(x, t, fps=fps, **kw), plain(x, t, fps=fps, **kw)
-        assert (out - ref).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-3
-        # each sample sees its own fps: the second alone gives the second row of the batch
-        assert (net(x[1:], t[1:], fps=fps[1:], image_embeds=kw["image_embeds"][1:]) - out[1:]).abs().max() < 1e-5
-        image = x[:, :, :1]
-        assert (net(image, t, fps=fps, **kw) - plain(image, t, fps=fps, **kw)).abs().max() < 1e-6
-
-
-def test_temporal_fps_needs_fps_and_temporal_layers():
-    from stages.config import ConfigError
-
-    with pytest.raises(ConfigError, match="temporal_fps needs temporal layers"):
-        dataclasses.replace(_cfg(16), temporal=False, temporal_fps=True)
-    cfg = dataclasses.replace(_cfg(16), temporal_fps=True)
-    with pytest.raises(ValueError, match="temporal_fps needs a network conditioned on fps"):
-        VideoUNet(cfg)
-    from stages.config import SRLowConfig
-
-    with pytest.raises(ConfigError, match="not conditioned on fps: set unet.temporal_fps to false"):
-        SRLowConfig(unet=dataclasses.replace(_cfg(None), temporal_fps=True))
