@@ -7,7 +7,7 @@
 The steps, in Make-A-Video's order (Sec. 3.4):
 
   1. ``mav data synth``: captioned still images of coloured shapes, leaving out the recipe's held-out
-     colour×shape pairs, and uncaptioned videos of shapes moving (workflows/synth.py);
+     colour×shape pairs, and uncaptioned videos of shapes moving (data.py);
   2. ``mav train`` clip → prior → decoder → sr-low → sr-high on the stills: the text-to-image model;
   3. the image decoder D and SR_l are kept in ``OUTPUT/_image``: with its temporal layers at identity D^t
      is D on every frame, the image-only baseline that ``mav eval`` compares with;
@@ -15,7 +15,7 @@ The steps, in Make-A-Video's order (Sec. 3.4):
      stage before it (temporal layers inflated at identity; ↑F from D^t).
 
 ``OUTPUT`` is a checkpoint bundle (its stage directories are what ``mav generate --checkpoint`` loads),
-plus ``_image/`` (the baseline's stages), ``_train/`` (train.py's run state and loss logs), ``_data/``
+plus ``_image/`` (the baseline's stages), ``_train/`` (``mav train``'s run state and loss logs), ``_data/``
 (the synthetic data, unless ``--data`` puts it elsewhere) and ``_recipe/recipe.json`` (the settings, the
 held-out pairs, and each step's seconds and final loss). Rerunning the same command continues an
 interrupted recipe: finished steps are skipped, an interrupted stage resumes from its last checkpoint.
@@ -31,14 +31,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
-import fsspec
-import yaml
-
-from stages.checkpoint import CheckpointError, join, load_stage, save_stage, write_bytes_atomic
-from stages.config import ConfigError, from_dict, to_dict, yaml_problem
+from stages.checkpoint import load_stage, save_stage
+from stages.config import ConfigError, from_dict, to_dict
+from stages.fsio import join, read_bytes, read_yaml_mapping, write_bytes_atomic
 from stages.training import STAGE_OF, TrainConfig
 from workflows.presets import load_preset
-from workflows.synth import SPEED, check_speed
+from workflows.shapes.world import SPEED, check_speed, parse_holdout
 
 RECIPE_ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
 IMAGE_DIR = "_image"        # the image-trained stages that video fine-tuning replaces: the baseline
@@ -74,8 +72,6 @@ class RecipeConfig:
     stages: dict = field(default_factory=dict)  # training stage -> TrainConfig (YAML: defaults under ``train``)
 
     def __post_init__(self) -> None:
-        from workflows.synth import parse_holdout
-
         try:
             parse_holdout(self.holdout)
         except ValueError as e:
@@ -114,14 +110,7 @@ def recipe_path(name: str, size: str = "full") -> str:
 def load_recipe(path: str) -> RecipeConfig:
     """A recipe YAML: ``preset``, ``data``, ``holdout``, ``workers``, ``cpus_per_worker``; ``train``: the
     TrainConfig fields every stage shares; ``stages``: per training stage, the fields that differ."""
-    try:
-        with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f.read())
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: {yaml_problem(e)}") from None
-    raw = dict(raw or {})
+    raw = read_yaml_mapping(path, ConfigError)
     if not all(isinstance(raw.get(k, {}) or {}, dict) for k in ("train", "stages")):
         raise ConfigError(f"{path}: train and stages must be mappings")
     defaults = from_dict(TrainConfig, raw.pop("train", None) or {}, "train")
@@ -138,8 +127,7 @@ def load_recipe(path: str) -> RecipeConfig:
 def read_state(output: str) -> dict | None:
     """``OUTPUT/_recipe/recipe.json``: what a (possibly interrupted) recipe run has done, or None."""
     try:
-        with fsspec.open(join(output, STATE_FILE), "r") as f:
-            return json.load(f)
+        return json.loads(read_bytes(join(output, STATE_FILE)))
     except FileNotFoundError:
         return None
 
@@ -161,8 +149,8 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
 
     Raises ConfigError for a recipe that cannot run, or an ``output`` holding a recipe run of other settings.
     """
-    from workflows.synth import parse_holdout, synth
-    from workflows.train import TrainJob, has_run, run_training
+    from workflows.shapes.data import synth
+    from workflows.train import TrainJob, has_run, run_training  # loaded only when a recipe runs
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     load_preset(recipe.preset)
@@ -219,45 +207,3 @@ def summary_lines(state: dict) -> list[str]:
         loss = s.get("loss")
         lines.append(f"  {name:<18} {s['seconds']:8.1f}s" + (f"  loss {loss:.4f}" if loss is not None else ""))
     return lines
-
-
-def add_parsers(sub) -> None:
-    """The ``mav recipe`` subcommand."""
-    rec = sub.add_parser("recipe", help="synthesise data and train every stage into one bundle (the demo model)")
-    rec.add_argument("name", help="recipe under cluster/recipes (shapes)")
-    rec.add_argument("--output", required=True, metavar="URL", help="checkpoint bundle to write")
-    rec.add_argument("--size", default="full", choices=SIZES, help="full (the demo model) or smoke (minutes, for CI)")
-    rec.add_argument("--config", metavar="FILE", help="a recipe YAML of your own instead of NAME's")
-    rec.add_argument("--data", metavar="URL", help="where the synthetic data goes (default OUTPUT/_data)")
-    rec.add_argument("--preset", help="stage preset instead of the recipe's (name or YAML path)")
-    rec.add_argument("--workers", type=int, help="Ray Train workers per stage (default: the recipe's)")
-    rec.add_argument("--cpus-per-worker", type=float,
-                     help="CPUs per worker, also its thread count (default: the recipe's)")
-    rec.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
-    rec.set_defaults(func=cmd_recipe)
-
-
-def cmd_recipe(args) -> int:
-    from workflows.errors import EXIT_USAGE, CliError
-    from workflows.train import init_ray_for_training
-    from workflows.train_data import DataError
-
-    try:
-        recipe = load_recipe(args.config or recipe_path(args.name, args.size))
-        overrides = {k: v for k, v in (("preset", args.preset), ("workers", args.workers),
-                                       ("cpus_per_worker", args.cpus_per_worker)) if v is not None}
-        recipe = dataclasses.replace(recipe, **overrides)
-        load_preset(recipe.preset)
-    except (ConfigError, ValueError) as e:
-        raise CliError(str(e), EXIT_USAGE) from None
-    init_ray_for_training(args.address, recipe.workers, recipe.cpus_per_worker, 0.0)
-    try:
-        state = run_recipe(recipe, args.output, data=args.data)
-    except (ConfigError, CheckpointError, DataError, ValueError) as e:
-        raise CliError(str(e), EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        print(f"mav: interrupted; rerun the same command to continue (state: {join(args.output, STATE_FILE)})",
-              file=sys.stderr)
-        return 130
-    print("\n".join(["[recipe] seconds per step:", *summary_lines(state)]), file=sys.stderr)
-    return 0

@@ -1,21 +1,10 @@
-"""A small synthetic world for tests, examples and the demo model: captioned still images of coloured
-shapes, and separate uncaptioned videos of such shapes moving.
-
-    mav data synth --out s3://bucket/shapes --images 2000 --videos 200
-
-Writes ``OUT/images/part-NNNNN.parquet`` (columns ``image``: PNG bytes, ``caption``) or, with
-``--format tar``, WebDataset-style ``OUT/images/shard-NNNNN.tar`` (``KEY.png`` + ``KEY.txt``), and
-``OUT/videos/video-NNNNN.mp4`` (no captions: the video stages never see text).
-"""
+"""The synthetic shapes world: one coloured shape on white, still (captioned) or moving in a straight line
+and bouncing off the frame's edges (uncaptioned). Everything else in this package draws from here: the data
+set (data.py), the judge's palette and ground truth (judge.py), the prompts it can judge (evaluate.py)."""
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import numpy as np
-
-from workflows.outputs import join, write_bytes_atomic
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -33,6 +22,17 @@ SPEED = (0.2, 0.8)  # speeds of the moving shapes, frame widths per second
 
 def caption(colour: str, shape: str) -> str:
     return f"a {colour} {shape} on a white background"
+
+
+def prompt_target(prompt: str) -> tuple[str, str]:
+    """The (colour, shape) a prompt asks for; ValueError unless it names exactly one of each."""
+    words = [w.strip(".,;:!?\"'").lower() for w in prompt.split()]
+    colours = sorted({w for w in words if w in COLOURS})
+    shapes = sorted({w for w in words if w in SHAPES})
+    if len(colours) != 1 or len(shapes) != 1:
+        raise ValueError(f"prompt {prompt!r} must name one colour ({', '.join(COLOURS)}) and one shape "
+                         f"({', '.join(SHAPES)})")
+    return colours[0], shapes[0]
 
 
 def draw(shape: str, colour: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -54,15 +54,8 @@ def draw(shape: str, colour: str, cx: float, cy: float, r: float, size: int) -> 
     return img
 
 
-def png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def random_image(rng: np.random.Generator, size: int, combos: list[tuple[str, str]]) -> tuple[np.ndarray, str]:
+    """A still of one of ``combos`` (colour, shape) at a random size and place, and its caption."""
     colour, shape = combos[rng.integers(len(combos))]
     r = rng.uniform(0.15, 0.3) * size
     cx, cy = rng.uniform(r, size - r, 2)
@@ -121,61 +114,3 @@ def check_speed(speed) -> tuple[float, float]:
     if not 0 < low <= high:
         raise ValueError(f"speed must satisfy 0 < low <= high, got {low:g}, {high:g}")
     return low, high
-
-
-def synth(out: str, *, images: int, videos: int, size: int = 64, frames: int = 96, fmt: str = "parquet",
-          shard: int = 256, seed: int = 0, holdout: list[tuple[str, str]] | None = None,
-          speed: tuple[float, float] = SPEED, progress=None) -> dict:
-    """Write the synthetic data set under ``out``; ``holdout`` colour×shape pairs get no captioned image;
-    the videos' shapes move at ``speed`` (low, high) frame widths per second.
-
-    Held-out pairs still move in the uncaptioned videos (the video stages never see a caption), so only the
-    text side (CLIP, the prior) never meets them: that is what compositional generalisation is measured on.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from workflows.video import encode_mp4
-
-    if size % 2 or size < 8:
-        raise ValueError(f"size must be even and >= 8, got {size}")
-    if fmt not in ("parquet", "tar"):
-        raise ValueError(f"format must be parquet or tar, got {fmt!r}")
-    speed = check_speed(speed)
-    rng = np.random.default_rng(seed)
-    held = set(holdout or [])
-    for colour, shape in held:
-        if colour not in COLOURS or shape not in SHAPES:
-            raise ValueError(f"held-out combination {(colour, shape)!r}: not a palette colour and a known shape")
-    combos = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
-    if images and not combos:
-        raise ValueError("holdout leaves no colour×shape combination for the captioned images")
-    written = {"images": 0, "videos": 0}
-    for start in range(0, images, shard):
-        n = min(shard, images - start)
-        pairs = [random_image(rng, size, combos) for _ in range(n)]
-        index = start // shard
-        if fmt == "parquet":
-            table = pa.table({"image": [png(img) for img, _ in pairs], "caption": [c for _, c in pairs]})
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
-            write_bytes_atomic(join(out, "images", f"part-{index:05d}.parquet"), buf.getvalue())
-        else:
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                for i, (img, cap) in enumerate(pairs):
-                    for ext, data in (("png", png(img)), ("txt", cap.encode())):
-                        info = tarfile.TarInfo(f"{start + i:08d}.{ext}")
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
-            write_bytes_atomic(join(out, "images", f"shard-{index:05d}.tar"), buf.getvalue())
-        written["images"] += n
-        if progress:
-            progress("images", written["images"], images)
-    for i in range(videos):
-        video = random_video(rng, size, frames, speed)
-        write_bytes_atomic(join(out, "videos", f"video-{i:05d}.mp4"), encode_mp4(video, FPS))
-        written["videos"] += 1
-        if progress:
-            progress("videos", written["videos"], videos)
-    return written
