@@ -136,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from workflows.pipeline import Pipeline, Request
+    from workflows.ray_cluster import init_ray
     from workflows.video import encode_mp4
 
     torch.set_num_threads(args.threads)
     stage_cpus = args.threads * len(STAGE_NAMES)
-    ray.init(num_cpus=stage_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    init_ray(None, stage_cpus)
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
                "cpus": os.cpu_count(), "threads": args.threads, "steps": args.steps, "load": {}, "overhead": {}}

@@ -1,11 +1,12 @@
 """The page at ``/`` driven in headless Chromium (Debian's ``chromium`` package) with Playwright, against
-the Serve application of test_serve.py."""
+the session's Serve application."""
 
+import json
 import os
 
 import pytest
 
-from test_serve import KEY, is_mp4, serve_app  # noqa: F401  (one Serve application for both modules)
+from .helpers import is_mp4
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -25,18 +26,21 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, serve_app):  # noqa: F811
+def page(browser, serve_app):
     page = browser.new_page()
     page.goto(serve_app.url)
     yield page
     page.close()
 
 
-def test_generate_plays_the_video(page):
-    page.fill("#key", KEY)
+def test_generate_plays_the_video(page, serve_app):
+    page.fill("#key", serve_app.key)
     page.fill("#prompt", "a red ball bouncing")
     page.fill("#seed", "5")
-    page.click("#generate")
+    page.fill("#dx", "0.25")  # dy left empty: 0
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as posted:
+        page.click("#generate")
+    assert json.loads(posted.value.post_data) == {"prompt": "a red ball bouncing", "seed": 5, "motion": [0, 0.25]}
     page.wait_for_function("document.getElementById('video').readyState >= 1", timeout=180_000)
     video = page.evaluate("""() => { const v = document.getElementById('video');
         return {duration: v.duration, width: v.videoWidth, height: v.videoHeight, hidden: v.hidden, error: v.error}; }""")
@@ -52,7 +56,7 @@ def test_generate_plays_the_video(page):
     assert page.is_hidden("#error")
 
 
-def test_errors_are_shown(page):
+def test_errors_are_shown(page, serve_app):
     page.fill("#key", "not-the-key")
     page.fill("#prompt", "a red ball bouncing")
     page.click("#generate")
@@ -60,8 +64,13 @@ def test_errors_are_shown(page):
     assert "API key" in page.text_content("#error")
     assert page.is_hidden("#video")
 
-    page.fill("#key", KEY)
+    page.fill("#key", serve_app.key)
     page.fill("#prompt", "   ")  # passes the browser's `required`, refused by the server
     page.click("#generate")
     page.wait_for_function("document.getElementById('error').textContent.startsWith('prompt')", timeout=60_000)
     assert page.is_enabled("#generate")
+
+    page.fill("#prompt", "a red ball bouncing")
+    page.fill("#dy", "2")  # beyond the server's bound: its message, naming the field, is shown
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('motion[0]')", timeout=60_000)

@@ -1,0 +1,94 @@
+"""The stage deployments: dynamic batching (with and without Serve), and a killed replica's replacement."""
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from stages.config import ConfigError, from_dict
+
+from .helpers import is_mp4, wait_job
+
+
+def test_stage_batches_are_split_back_row_by_row(tiny_preset_file):
+    """The batching core without Serve: concatenated rows give each request what it gets alone."""
+    from workflows import columns
+    from workflows.pipeline import Request, to_batch
+    from workflows.runners import DecoderRunner, PriorRunner, TextEncoderRunner
+
+    clip, prior, decoder = (cls(preset=tiny_preset_file, device="cpu") for cls in (TextEncoderRunner, PriorRunner, DecoderRunner))
+    items = [to_batch([Request(prompt=p, seed=s, steps=st)]) for p, s, st in (("a", 1, 2), ("b", 2, 1), ("a", 3, 2))]
+    items.append(to_batch([Request(prompt="c", seed=4), Request(prompt="d", seed=5)]))  # a request may carry rows
+    alone = [decoder(prior(clip(item))) for item in items]
+    together = columns.split(decoder(prior(clip(columns.concat(items)))), [1, 1, 1, 2])
+    for one, back in zip(alone, together):
+        assert set(back) == set(one) and list(back["seed"]) == list(one["seed"])
+        assert np.abs(back["video"].astype(int) - one["video"].astype(int)).max() <= 1
+
+
+def test_batch_settings_are_checked_by_name():
+    from workflows.serve.deployments import BatchSettings
+
+    assert from_dict(BatchSettings, {"max_batch_size": 16}).max_batch_size == 16
+    for bad, name in (({"max_batch_size": 0}, "max_batch_size"), ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s"),
+                      ({"max_batch_sise": 2}, "max_batch_sise")):
+        with pytest.raises(ConfigError, match=name):
+            from_dict(BatchSettings, bad, where="decoder.user_config")
+
+
+def test_16_concurrent_requests_are_answered_and_batched(serve_app):
+    from ray import serve
+
+    bodies = [{"prompt": f"a shape number {i}", "seed": 100 + i} for i in range(16)]
+    responses = serve_app.post_many("v1/videos", bodies)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1
+    for r in responses:
+        if r.status_code == 200:
+            assert is_mp4(r.content)
+        else:
+            assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"]
+    sizes = [int(kv.split("=")[1]) for r in responses if r.status_code == 200 for kv in r.headers["x-batch-sizes"].split(",")]
+    assert max(sizes) > 1, "no stage ever ran two requests in one forward pass"
+    stats = serve.get_deployment_handle("clip", app_name="mav").stats.remote().result()
+    assert max(int(n) for n in stats["batch_sizes"]) > 1 and stats["max_batch_size"] == 8
+
+
+def test_killed_stage_replica_is_replaced(serve_app, client):
+    import ray
+
+    body = {"prompt": "a survivor", "seed": 77}
+    before = client.post("v1/videos", json=body).content
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::mav#decoder#")]
+    assert len(replicas) == 1, replicas
+    slow = {"prompt": "in flight", "steps": 60}
+
+    async def kill_while_decoding():
+        async with httpx.AsyncClient(base_url=serve_app.url, headers=serve_app.headers, timeout=300) as c:
+            job_id = (await c.post("v1/jobs", json={**slow, "seed": 0})).json()["id"]
+            inflight = [asyncio.ensure_future(c.post("v1/videos", json={**slow, "seed": i})) for i in range(1, 4)]
+            while True:  # the job's decoder call is running: the replica holds requests when it dies
+                job = (await c.get(f"v1/jobs/{job_id}")).json()
+                assert job["stages"][2]["status"] != "done", "the decoder finished before it could be killed"
+                if job["stages"][2]["status"] == "running":
+                    break
+                await asyncio.sleep(0.05)
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            return job_id, await asyncio.gather(*inflight)
+
+    job_id, responses = asyncio.run(kill_while_decoding())
+    assert {r.status_code for r in responses} <= {200, 503}, [(r.status_code, r.text[:200]) for r in responses]
+    job = wait_job(client, job_id)
+    assert job["status"] == "done" or "no live replica" in job["error"], job
+    deadline = time.monotonic() + 180
+    while (r := client.post("v1/videos", json=body)).status_code != 200:
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(1)
+    assert r.content == before  # a new replica, the same video
+    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::mav#decoder#")]
+    assert replicas[0]["name"] not in after and len(after) == 1

@@ -1,0 +1,41 @@
+"""``mav serve``: the cascade as a Ray Serve application, one deployment per stage, an HTTP API and a page.
+
+    mav serve                                        # http://127.0.0.1:8000/ on a local Ray instance, demo model
+    mav serve --checkpoint s3://bucket/model --port 8080 --address ray://head:10001
+    MAV_API_KEY=... mav serve --host 0.0.0.0         # /v1/* then needs "Authorization: Bearer <key>"
+    serve run cluster/serve.yaml                     # the same application with Ray's own CLI
+    serve deploy cluster/serve.yaml                  # onto a running cluster (or cluster/kuberay-rayservice.yaml)
+
+Deployments (their names are the keys of ``deployments:`` in ``cluster/serve.yaml``):
+
+- ``clip``, ``prior``, ``decoder``, ``interpolation``, ``sr_low``, ``sr_high``: one per stage runner of
+  ``workflows/runners.py``, loaded once in ``__init__``. Each scales on its own (``num_replicas`` or
+  ``autoscaling_config``, ``ray_actor_options``) and batches dynamically (``@serve.batch``; ``user_config``
+  gives ``max_batch_size`` and ``batch_wait_timeout_s``): concurrent requests share one forward pass.
+- ``jobs``: the job table (one replica), so any ingress replica answers for any job.
+- ``api``: the FastAPI ingress. It calls the stages in turn with ``await handle.run.remote(rows)``.
+
+HTTP API (OpenAPI at ``/docs``): ``POST /v1/videos`` (the MP4, the same bytes ``mav generate`` writes for
+the same arguments and seed), ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` + ``GET /v1/jobs/{id}/video``,
+``GET /healthz``, ``GET /readyz``, and the page at ``/``. Full queues answer 503 with ``Retry-After``.
+
+Modules: ``config`` (the app's args, the Serve config file, fitting it to the cluster), ``deployments``
+(the stage deployments), ``jobs`` (the job table), ``models`` (request and response models), ``middleware``
+(API key, body limit), ``api`` (the ingress and its routes), ``app`` (the application builder),
+``command`` (``mav serve``).
+"""
+
+from workflows.serve.app import build_app, build_application, run_local
+from workflows.serve.command import add_parser, cmd_serve
+from workflows.serve.config import (
+    AppArgs,
+    ServeConfig,
+    cpus_needed,
+    default_config_file,
+    fit_to_cluster,
+    load_serve_config,
+    parse_app_args,
+)
+
+__all__ = ["AppArgs", "ServeConfig", "add_parser", "build_app", "build_application", "cmd_serve", "cpus_needed",
+           "default_config_file", "fit_to_cluster", "load_serve_config", "parse_app_args", "run_local"]

@@ -1,0 +1,65 @@
+"""The HTTP boundary's request and response models (pydantic; the OpenAPI description at ``/docs``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED
+from workflows.serve.jobs import JOB_STATES
+
+MotionStep = Annotated[float, Field(ge=-MAX_MOTION, le=MAX_MOTION, allow_inf_nan=False)]
+
+
+class VideoRequest(BaseModel):
+    """A video to generate; omitted fields take ``mav generate``'s defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=4000, description="the text x")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random if omitted (answered in X-Seed / the job)")
+    fps: int = Field(DEFAULT_FPS, ge=1, le=30, description="keyframe rate D^t is conditioned on; plays at fps × skip")
+    steps: int | None = Field(None, ge=1, le=1000, description="sampling steps of every diffusion stage (preset's if omitted)")
+    guidance: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="decoder guidance scale w")
+    negative_prompt: str = Field("", max_length=4000, description="the prior's unconditional branch")
+    motion: list[MotionStep] | None = Field(
+        None, min_length=2, max_length=2, description="motion guidance [dy, dx]: frame sizes per keyframe that the common part of D^t's noise "
+                          "moves (noise warping, as in Go-with-the-Flow); off if omitted")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    seed: int
+
+
+class StageState(BaseModel):
+    name: str
+    status: str = Field(description="pending, running or done")
+    seconds: float | None = None
+    batch_size: int | None = Field(None, description="rows in the forward pass this job shared")
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: str = Field(description=" / ".join(JOB_STATES))
+    request: dict
+    created: float
+    updated: float
+    stages: list[StageState]
+    progress: float = Field(description="fraction of stages done")
+    error: str | None = None
+    video_fps: float | None = None
+    output: str | None = Field(None, description="where the video was written, when the server has an output URL")
+
+
+class ErrorBody(BaseModel):
+    error: str
