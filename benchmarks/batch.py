@@ -14,7 +14,7 @@ efficiency  Six stages whose cost per call is a known ``time.sleep`` (standing i
             stage's last call ending (every engine's actors are up before it; wall time with start-up is printed
             too). The latency-aware bound T_fill = T_bound + Σ_{s≠k} c_s (k the bottleneck) also counts the first
             row's way to the bottleneck and the last row's way out of it; no schedule beats either.
-overhead    The tests' TINY cascade (more sampling steps so compute dominates), 12 prompts, batches of 4 in every
+overhead    The tiny preset's cascade (more sampling steps so compute dominates), 12 prompts, batches of 4 in every
             stage: the executor with one actor per stage (1 CPU, 1 torch thread each; run_job's stage specs, MP4
             writer included) against the in-process Pipeline plus MP4 encoding and writing, with torch's default
             threads (2) and with 1. Steady state excludes start-up, printed apart, as is run_job end to end.
@@ -48,14 +48,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import ray
+import torch
+
+from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor
+from workflows.pools import PoolConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # tests.conftest holds the TINY cascade the tests use
-
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor  # noqa: E402
-from workflows.pools import PoolConfig  # noqa: E402
 
 SECTIONS = ("efficiency", "overhead", "scaleout", "memory", "dtype")
 STAGES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
@@ -285,13 +284,21 @@ def section_scaleout(reps: int, n: int) -> None:
 # -- real stages ----------------------------------------------------------------------------------
 
 def tiny_preset(directory: str, steps: int) -> str:
-    from stages.config import CascadeConfig, dump_yaml, from_dict
-    from tests.conftest import TINY
+    """The tiny preset (cluster/presets/tiny.yaml) with ``steps`` sampling steps in every stage, as a file."""
+    import dataclasses
 
-    data = {k: ({**v, "diffusion": {**v["diffusion"], "steps": steps}} if "diffusion" in v else v) for k, v in TINY.items()}
+    from stages.config import dump_yaml
+    from workflows.presets import load_preset
+
+    tiny = load_preset("tiny")
+    stages = {f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)}
+    tiny = dataclasses.replace(tiny, **{
+        name: dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, steps=steps))
+        for name, cfg in stages.items() if hasattr(cfg, "diffusion")
+    })
     path = os.path.join(directory, "tiny.yaml")
     with open(path, "w") as f:
-        f.write(dump_yaml(from_dict(CascadeConfig, data)))
+        f.write(dump_yaml(tiny))
     return path
 
 
@@ -302,17 +309,18 @@ def uniform_pools(batch_size: int):
 
 
 def section_overhead(reps: int, prompts: int, steps: int, batch: int) -> None:
-    from workflows.batch import JobSpec, params_of, run_job, stage_specs
-    from workflows.outputs import safe_name, write_bytes_atomic
+    from stages.fsio import write_bytes_atomic
+    from workflows.batch import JobSpec, pipeline_row, run_job, stage_specs
+    from workflows.outputs import safe_name
     from workflows.pipeline import Pipeline, Request
     from workflows.video import decode_mp4, encode_mp4
 
-    print(f"\n== overhead vs in-process: TINY cascade with {steps} steps per stage, {prompts} prompts, batches of "
+    print(f"\n== overhead vs in-process: tiny cascade with {steps} steps per stage, {prompts} prompts, batches of "
           f"{batch} in every stage, median of {reps} interleaved runs after one warm-up each ==")
     work = tempfile.mkdtemp(prefix="mav-bench-")
     preset = tiny_preset(work, steps)
     requests = [Request(prompt=f"a red ball bouncing, take {i}", seed=1000 + i, id=f"v{i:02d}") for i in range(prompts)]
-    rows = [{ROW_KEY: i, "id": r.id, **params_of(r)} for i, r in enumerate(requests)]
+    rows = [pipeline_row(i, r) for i, r in enumerate(requests)]
     pools = uniform_pools(batch)
     outs = {name: os.path.join(work, name) for name in ("executor", "local-2", "local-1")}
     for path in outs.values():
@@ -443,14 +451,14 @@ class Probe:
 
 
 def section_memory(n: int, steps: int) -> None:
-    from workflows.batch import JobSpec, params_of, stage_specs
-    from workflows.engine import rows_to_batch
+    from workflows.batch import JobSpec, pipeline_row, stage_specs
+    from workflows.columns import from_rows
     from workflows.pipeline import Request
 
     print(f"\n== object-store bytes and actor memory: CPU preset, {n} rows, batch size 1, {steps} steps per stage ==")
     work = tempfile.mkdtemp(prefix="mav-bench-")
     requests = [Request(prompt=f"a red ball bouncing, take {i}", seed=i, id=f"m{i}", steps=steps) for i in range(n)]
-    rows = [{ROW_KEY: i, "id": r.id, **params_of(r)} for i, r in enumerate(requests)]
+    rows = [pipeline_row(i, r) for i, r in enumerate(requests)]
     specs = [StageSpec(s.name, functools.partial(Probe, s.name, s.factory), s.pool)
              for s in stage_specs(JobSpec(prompts=(), output=work, preset="cpu"), uniform_pools(1))]
     executor = StreamingExecutor(specs, use_gpus=False)
@@ -464,7 +472,7 @@ def section_memory(n: int, steps: int) -> None:
     seconds = time.perf_counter() - start
     executor.shutdown()
     out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    input_bytes = object_bytes(rows_to_batch(rows)) / n
+    input_bytes = object_bytes(from_rows(rows)) / n
     print(f"({seconds:.1f} s for the rows)")
     print("object (producer -> consumer)      bytes/row   of which frames   actor peak RSS MiB: loaded / after rows")
     print(f"  driver -> clip                {input_bytes:12,.0f}")

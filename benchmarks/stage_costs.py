@@ -50,16 +50,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from einops import rearrange  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from stages.cascade import (  # noqa: E402
+from stages.cascade import (
     build_stage,
     decode,
     encode_text,
@@ -69,14 +65,18 @@ from stages.cascade import (  # noqa: E402
     super_resolve_frames,
     super_resolve_video,
 )
-from stages.config import STAGE_NAMES, CascadeConfig  # noqa: E402
-from stages.temporal import FrameContext, PseudoConv3d, TemporalAttention  # noqa: E402
-from workflows.presets import load_preset  # noqa: E402
+from stages.config import STAGE_NAMES, CascadeConfig
+from stages.temporal import FrameContext, PseudoConv3d, TemporalAttention
+from workflows.pipeline import DEFAULT_FPS
+from workflows.presets import load_preset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 SECTIONS = ("cpu", "paper", "factorisation")
 THREADS = 2
 PROMPT = "a red ball bouncing on a wooden floor"
-FPS = 5.0                      # keyframe rate D^t is conditioned on
+FPS = float(DEFAULT_FPS)       # keyframe rate D^t is conditioned on
 TIMESTEP = 500                 # t of a single evaluation (any t costs the same)
 LABELS = {"clip": "CLIP text", "prior": "P", "decoder": "D^t", "interpolation": "↑F", "sr_low": "SR_l^t",
           "sr_high": "SR_h"}

@@ -1,40 +1,25 @@
-"""Shared fixtures: a tiny cascade config (as a preset file and as a saved bundle), and an S3-compatible
+"""Shared fixtures: the tiny cascade (its preset file, its config, a saved bundle of it), and an S3-compatible
 server on loopback (moto's server mode)."""
 
 import os
 import uuid
+from importlib import resources
 
 import pytest
 
-from stages.config import STAGE_NAMES, CascadeConfig, dump_yaml, from_dict
-
-TINY_UNET = {"block_out_channels": [8, 16], "attention": [False, True], "attention_head_dim": 8,
-             "norm_num_groups": 4, "cross_attention_dim": 16, "temporal_heads": 2}
-TINY_SR_UNET = {"block_out_channels": [8, 16], "attention": [False, False], "norm_num_groups": 4,
-                "cross_attention_dim": None, "temporal_heads": 2}
-
-TINY = {
-    "clip": {"embed_dim": 32, "text_width": 32, "text_heads": 2, "text_layers": 1, "image_size": 16,
-             "vision_width": 32, "vision_layers": 1, "vision_patch_size": 8},
-    "prior": {"embed_dim": 32, "layers": 1, "heads": 2, "head_dim": 16, "diffusion": {"steps": 2}},
-    "decoder": {"frames": 4, "size": 8, "image_embed_dim": 32, "unet": TINY_UNET, "diffusion": {"steps": 2}},
-    "interpolation": {"skip": 2, "image_embed_dim": 32, "unet": TINY_UNET, "diffusion": {"steps": 2}},
-    "sr_low": {"in_size": 8, "out_size": 16, "unet": TINY_SR_UNET, "diffusion": {"steps": 2}},
-    "sr_high": {"in_size": 16, "out_size": 32, "frame_batch": 4, "unet": {**TINY_SR_UNET, "temporal": False},
-                "diffusion": {"steps": 2}},
-}
+from stages.config import STAGE_NAMES, CascadeConfig, load_yaml
 
 
 @pytest.fixture(scope="session")
-def tiny_config() -> CascadeConfig:
-    return from_dict(CascadeConfig, TINY)
+def tiny_preset_file() -> str:
+    """The tiny preset (``cluster/presets/tiny.yaml``): a few channels, 4 keyframes of 8x8, 2 steps per stage."""
+    return str(resources.files("cluster") / "presets" / "tiny.yaml")
 
 
 @pytest.fixture(scope="session")
-def tiny_preset_file(tmp_path_factory, tiny_config) -> str:
-    path = tmp_path_factory.mktemp("preset") / "tiny.yaml"
-    path.write_text(dump_yaml(tiny_config))
-    return str(path)
+def tiny_config(tiny_preset_file) -> CascadeConfig:
+    with open(tiny_preset_file) as f:
+        return load_yaml(CascadeConfig, f.read())
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import sys
 import time
 import uuid
@@ -27,17 +26,19 @@ import fsspec
 import numpy as np
 
 from stages.config import STAGE_NAMES
+from stages.fsio import join, write_bytes_atomic
 from workflows.engine import ROW_KEY, SECONDS_PREFIX, StageSpec, StreamingExecutor
 from workflows.inputs import InputRow, open_inputs, read_rows
-from workflows.outputs import join, safe_name, write_bytes_atomic
-from workflows.pipeline import DEFAULT_FPS, Request
+from workflows.outputs import safe_name
+from workflows.pipeline import DEFAULT_FPS, Request, check_motion
 from workflows.pools import PoolConfig
 from workflows.presets import DEFAULT_PRESET
-from workflows.runners import RUNNERS
+from workflows.progress import RowBars
+from workflows.runners import RUNNER_OF
 
 MANIFEST = "manifest.parquet"
 JOURNAL = "_journal"
-PARAMS = ("prompt", "negative_prompt", "seed", "fps", "steps", "guidance")
+PARAMS = ("prompt", "negative_prompt", "seed", "fps", "steps", "guidance", "motion")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ def to_request(row: InputRow, base_seed: int) -> Request:
 
     seed = number("seed", int)
     fps = number("fps", int)
+    motion = f.get("motion")
+    if isinstance(motion, str) and not motion.strip():  # an empty CSV cell: off
+        motion = None
+    elif isinstance(motion, str):  # CSV: "dy dx"
+        try:
+            motion = [float(v) for v in motion.split()]
+        except ValueError:
+            raise ValueError(f'motion: expected two numbers "dy dx", got {motion!r}') from None
     return Request(
         prompt=f["prompt"],
         negative_prompt=str(f.get("negative_prompt", "")),
@@ -80,6 +89,7 @@ def to_request(row: InputRow, base_seed: int) -> Request:
         fps=DEFAULT_FPS if fps is None else fps,
         steps=number("steps", int),
         guidance=number("guidance", float),
+        motion=None if motion is None else check_motion(motion),
         id=row.id,
     )
 
@@ -92,7 +102,21 @@ def params_of(r: Request) -> dict:
         "fps": int(r.fps),
         "steps": int(r.steps or 0),
         "guidance": float("nan") if r.guidance is None else float(r.guidance),
+        "motion": _motion_record(r.motion),
     }
+
+
+def _motion_record(motion) -> list[float] | None:
+    """(dy, dx) as it comes back from the float32 ``motion`` column (so a resumed job finds it equal), or None."""
+    if motion is None or np.isnan(motion).any():
+        return None
+    return [float(v) for v in np.asarray(motion, dtype=np.float32)]
+
+
+def pipeline_row(key: int, r: Request) -> dict:
+    """A request as a row of the runners' columns (``motion``: NaN when off)."""
+    motion = np.full(2, np.nan, np.float32) if r.motion is None else np.asarray(r.motion, np.float32)
+    return {ROW_KEY: key, "id": r.id, **params_of(r), "motion": motion}
 
 
 def _same_params(a: dict, b: dict) -> bool:
@@ -130,6 +154,7 @@ class VideoWriter:
                     "fps": int(batch["fps"][i]),
                     "steps": int(batch["steps"][i]),
                     "guidance": float(batch["guidance"][i]),
+                    "motion": _motion_record(batch["motion"][i]),
                     "output": uri,
                     "status": "ok",
                     "error": "",
@@ -179,16 +204,13 @@ def write_manifest(output: str, records: list[dict]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = ["id", "prompt", "negative_prompt", "seed", "fps", "steps", "guidance", "output", "status", "error",
-               "truncated", *(f"seconds_{s}" for s in (*STAGE_NAMES, "writer"))]
-    data = {c: [r.get(c) for r in records] for c in columns}
     schema = pa.schema(
         [("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
-         ("fps", pa.int64()), ("steps", pa.int64()), ("guidance", pa.float64()), ("output", pa.string()),
-         ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()),
+         ("fps", pa.int64()), ("steps", pa.int64()), ("guidance", pa.float64()), ("motion", pa.list_(pa.float64())),
+         ("output", pa.string()), ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()),
          *((f"seconds_{s}", pa.float64()) for s in (*STAGE_NAMES, "writer"))]
     )
-    table = pa.Table.from_pydict(data, schema=schema)
+    table = pa.Table.from_pydict({c: [r.get(c) for r in records] for c in schema.names}, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     uri = join(output, MANIFEST)
@@ -198,44 +220,11 @@ def write_manifest(output: str, records: list[dict]) -> str:
 
 def stage_specs(job: JobSpec, pools: dict[str, PoolConfig]) -> list[StageSpec]:
     specs = [
-        StageSpec(cls.stage, functools.partial(cls, checkpoint=job.checkpoint, preset=job.preset), pools[cls.stage])
-        for cls in RUNNERS
+        StageSpec(stage, functools.partial(make, checkpoint=job.checkpoint, preset=job.preset), pools[stage])
+        for stage, make in RUNNER_OF.items()
     ]
     specs.append(StageSpec("writer", functools.partial(VideoWriter, job.output), pools["writer"]))
     return specs
-
-
-class Progress:
-    """A live per-stage display (rows done, rows/s, actors busy) on stderr."""
-
-    def __init__(self, stream=None, every: float | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self.every = every if every is not None else (1.0 if self.tty else 15.0)
-        self.last = 0.0
-        self.lines = 0
-        self.start = time.perf_counter()
-
-    def update(self, executor: StreamingExecutor, total: int | None, done: int, failed: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        wall = max(now - self.start, 1e-9)
-        head = f"videos {done}" + (f"/{total}" if total is not None else "") + f"  failed {failed}  {wall:.0f}s"
-        rows = [head] + [
-            f"  {s.name:<14} {s.rows_done:>6} rows  {s.rows_done / wall:6.2f} rows/s  busy {s.busy_actors}/{s.actors}"
-            f"  queued {s.queued_rows}"
-            for s in executor.snapshot()
-        ]
-        if self.tty:
-            if self.lines:
-                self.stream.write(f"\x1b[{self.lines}F")
-            self.stream.write("".join(f"\x1b[2K{r}\n" for r in rows))
-            self.lines = len(rows)
-        else:
-            self.stream.write(" | ".join(r.strip() for r in rows) + "\n")
-        self.stream.flush()
 
 
 @dataclass
@@ -250,30 +239,33 @@ class JobResult:
     manifest: str
 
 
-def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | None = None) -> JobResult:
+def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | None = None) -> JobResult:
     """Run a batch job on the connected Ray cluster.
 
     Raises InputError before anything is written when the input cannot be used. On Ctrl-C the
     manifest of what was finished is written (unfinished rows marked ``pending``), then
-    KeyboardInterrupt propagates.
+    KeyboardInterrupt propagates. ``progress`` shows rows per stage; for its totals the prompt files are
+    read once more, first.
     """
     start = time.perf_counter()
     files = open_inputs(list(job.prompts))
     done = read_journal(job.output)
     records: dict[int, dict] = {}   # by row position: duplicate ids keep a manifest row each
     requests: dict[int, Request] = {}
-    counts = {"skipped": 0}
+    counts = {"skipped": 0, "rejected": 0}
 
     def work():
         for key, row in enumerate(read_rows(files)):
             base = {"id": row.id, "prompt": str(row.fields.get("prompt", "")), "status": "failed", "output": ""}
             if row.error:
                 records[key] = {**base, "error": row.error}
+                counts["rejected"] += 1
                 continue
             try:
                 req = to_request(row, job.seed)
             except ValueError as e:
                 records[key] = {**base, "error": str(e)}
+                counts["rejected"] += 1
                 continue
             prev = done.get(row.id)
             if prev is not None and _same_params(prev, params_of(req)):
@@ -281,7 +273,7 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
                 counts["skipped"] += 1
                 continue
             requests[key] = req
-            yield {ROW_KEY: key, "id": row.id, **params_of(req)}
+            yield pipeline_row(key, req)
 
     rows = work()
     first = next(rows, None)
@@ -290,25 +282,30 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: Progress | 
     executor = StreamingExecutor(stage_specs(job, pools))
     if not executor.use_gpus and any(p.gpus for p in pools.values()):
         print("notice: the cluster has no GPUs; the pools' GPU requests are dropped", file=sys.stderr)
-    n_ok = n_failed = 0
+    total = sum(1 for _ in read_rows(files)) if progress is not None else None
+
+    def show(force: bool = False) -> None:
+        if progress is not None:
+            expected = total - counts["skipped"] - counts["rejected"]
+            progress.update(executor.snapshot(), expected, force=force)
+
     interrupted = False
     try:
         for completion in executor.run(itertools.chain([first], rows)):
             if completion.batch is not None:
                 for key, rec in zip(completion.batch[ROW_KEY], completion.batch["record"]):
                     records[int(key)] = json.loads(rec)
-                    n_ok += 1
             for key, (stage, err) in completion.failed.items():
                 req = requests[key]
                 records[key] = {"id": req.id, **params_of(req), "status": "failed", "output": "",
-                                   "error": f"{stage}: {err}"}
-                n_failed += 1
-            if progress is not None:
-                progress.update(executor, None, n_ok, n_failed)
-        if progress is not None:
-            progress.update(executor, None, n_ok, n_failed, force=True)
+                                "error": f"{stage}: {err}"}
+            show()
+        show(force=True)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        if progress is not None:
+            progress.close_all()
     wall = time.perf_counter() - start
     stats = executor.snapshot()
     utilisation = {s.name: s.busy_seconds / (wall * max(1, s.actors)) for s in stats}
@@ -335,23 +332,4 @@ def _finish(job: JobSpec, records: dict[int, dict], skipped: int, wall: float, u
         utilisation=utilisation,
         manifest=write_manifest(job.output, ordered),
     )
-
-
-def init_ray(address: str | None, pools: dict[str, PoolConfig]) -> None:
-    """Join ``address`` (or the cluster of a ``ray job submit`` driver), else start a local instance
-    with enough logical CPUs for every pool's first actors."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs = dict(logging_level=logging.ERROR, log_to_driver=False)
-    if address:
-        ray.init(address=address, **kwargs)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
-    else:
-        need = sum(p.cpus * p.min_actors for p in pools.values())
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False, **kwargs)
 

@@ -10,46 +10,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import random
 import sys
 import time
 import warnings
 
 from stages.errors import UserError
+from stages.fsio import is_local, join, write_bytes_atomic
+from workflows import serve, shapes, train
 from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError
+from workflows.outputs import safe_name
+from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED
 from workflows.presets import DEFAULT_MODEL
-
-class StageProgressPrinter:
-    """Per-stage progress on stderr: a live line on a terminal, one line per finished stage otherwise."""
-
-    LABELS = {
-        "clip": "text encoder",
-        "prior": "prior P",
-        "decoder": "decoder D^t",
-        "interpolation": "interpolation ↑F",
-        "sr_low": "SR_l^t",
-        "sr_high": "SR_h",
-    }
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self.started: dict[str, float] = {}
-
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        now = time.perf_counter()
-        start = self.started.setdefault(stage, now)
-        label = self.LABELS.get(stage, stage)
-        index = list(self.LABELS).index(stage) + 1 if stage in self.LABELS else 0
-        if self.tty:
-            end = "\n" if step >= total else ""
-            self.stream.write(f"\r[{index}/6] {label:<17} {step:>4}/{total} steps  {now - start:6.1f}s{end}")
-            self.stream.flush()
-        elif step >= total:
-            self.stream.write(f"[{index}/6] {label:<17} {total:>4} steps  {now - start:6.1f}s\n")
-            self.stream.flush()
-        if step >= total:
-            self.started.pop(stage, None)
 
 
 def _quiet_libraries() -> None:
@@ -60,8 +33,6 @@ def _quiet_libraries() -> None:
 
 
 def _outputs(out: str, prompts: list[str]) -> list[str]:
-    from workflows.outputs import join, safe_name
-
     single_file = out.lower().endswith(".mp4")
     if len(prompts) == 1 and single_file:
         return [out]
@@ -71,13 +42,11 @@ def _outputs(out: str, prompts: list[str]) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import posixpath
-
-    from stages.checkpoint import CheckpointError
-    from stages.config import ConfigError
-    from workflows.outputs import check_writable, is_local, write_bytes_atomic
-    from workflows.pipeline import MAX_SEED, Pipeline, Request
+    from workflows.outputs import check_writable
+    from workflows.pipeline import Pipeline, Request
     from workflows.presets import choose_model
+    from workflows.progress import StageBars
+    from workflows.video import encode_mp4
 
     prompts = list(args.prompts)
     for i, p in enumerate(prompts, 1):
@@ -88,17 +57,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--seed must be in 0..{MAX_SEED - len(prompts)}, got {seed}")
     try:
         requests = [
-            Request(prompt=p, seed=seed + i, fps=args.fps, steps=args.steps, guidance=args.guidance)
+            Request(prompt=p, seed=seed + i, fps=args.fps, steps=args.steps, guidance=args.guidance,
+                    motion=None if args.motion is None else tuple(args.motion))
             for i, p in enumerate(prompts)
         ]
-    except ValueError as e:
-        raise CliError(f"--{str(e)}") from None
-    try:
-        checkpoint, preset = choose_model(args.checkpoint, args.preset)
-    except CheckpointError as e:
-        raise CliError(str(e)) from None
-    except ConfigError as e:
-        raise CliError(f"--preset: {e}") from None
+    except ValueError as e:  # the message names the field; here it is the option of that name
+        raise CliError(f"--{e}") from None
+    checkpoint, preset = choose_model(args.checkpoint, args.preset)
 
     paths = _outputs(args.out, prompts)
     for directory in dict.fromkeys(os.path.dirname(p) if is_local(p) else posixpath.dirname(p) for p in paths):
@@ -107,18 +72,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except Exception as e:  # any filesystem's refusal: permissions, missing bucket, credentials
             raise CliError(f"cannot write to {args.out}: {e}") from None
 
-    progress = StageProgressPrinter()
     start = time.perf_counter()
-    try:
-        pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=progress)
-    except (CheckpointError, ConfigError) as e:
-        raise CliError(str(e)) from None
+    pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=StageBars())
+    decoder = next(r for r in pipe.runners if r.stage == "decoder")
+    if args.motion is not None and not decoder.cfg.frame_noise.sampling_shared:
+        raise CliError("--motion: motion guidance moves the noise's common part, and this model's decoder D^t "
+                       "shares no noise between frames (its frame_noise.shared is 0)")
     print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
     videos = []
     for i in range(0, len(requests), args.batch_size):
         videos += pipe.generate(requests[i : i + args.batch_size])
-    from workflows.video import encode_mp4
-
     for path, video, prompt in zip(paths, videos, prompts):
         if video.truncated:
             print(f"warning: prompt longer than the text encoder's context was cut: {prompt[:60]!r}...", file=sys.stderr)
@@ -133,19 +96,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from stages.checkpoint import CheckpointError
-    from stages.config import ConfigError
-    from workflows.batch import JobSpec, Progress, init_ray, run_job
-    from workflows.inputs import InputError
+    from workflows.batch import JobSpec, run_job
     from workflows.outputs import check_writable
     from workflows.pools import load_pools
     from workflows.presets import choose_model
+    from workflows.progress import RowBars
+    from workflows.ray_cluster import init_ray
 
-    try:
-        pools = load_pools(args.pools)
-        checkpoint, preset = choose_model(args.checkpoint, args.preset)
-    except (ConfigError, CheckpointError) as e:
-        raise CliError(str(e)) from None
+    pools = load_pools(args.pools)
+    checkpoint, preset = choose_model(args.checkpoint, args.preset)
     try:
         check_writable(args.output)
     except Exception as e:
@@ -153,13 +112,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=preset, checkpoint=checkpoint,
                   seed=args.seed)
     try:
-        init_ray(args.address, pools)
+        init_ray(args.address, sum(p.cpus * p.min_actors for p in pools.values()))
     except Exception as e:
         raise CliError(f"cannot start or join Ray ({args.address or 'local'}): {e}", EXIT_FAILED) from None
     try:
-        result = run_job(job, pools, progress=Progress())
-    except InputError as e:
-        raise CliError(str(e)) from None
+        result = run_job(job, pools, progress=RowBars())
     except KeyboardInterrupt:
         print(f"mav: interrupted; finished videos are kept, rerun the same command to resume "
               f"(manifest: {args.output})", file=sys.stderr)
@@ -187,10 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--out", required=True, help="an .mp4 path/URL for one prompt, or a directory/prefix")
     gen.add_argument("--seed", type=int, help="seed of the first prompt (prompt i uses seed+i); random if omitted")
-    gen.add_argument("--fps", type=int, default=5, help="keyframe rate 1..30 the decoder is conditioned on; "
-                     "the video plays at fps x frame skip (default 5)")
+    gen.add_argument("--fps", type=int, default=DEFAULT_FPS, help="keyframe rate 1..30 the decoder is conditioned "
+                     f"on; the video plays at fps x frame skip (default {DEFAULT_FPS})")
     gen.add_argument("--steps", type=int, help="sampling steps for every diffusion stage (default: the preset's)")
     gen.add_argument("--guidance", type=float, help="decoder classifier-free guidance scale (default: the preset's)")
+    gen.add_argument("--motion", type=float, nargs=2, metavar=("DY", "DX"),
+                     help="motion guidance: the noise's common part moves DY (vertically) and DX (horizontally) "
+                          f"frame sizes per keyframe, each in -{MAX_MOTION}..{MAX_MOTION} (default: off, the motion "
+                          "is the model's own)")
     gen.add_argument("--preset", help="fresh (untrained) weights from this stage preset name or YAML path")
     gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the shipped demo model "
                                           f"cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
@@ -199,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bat = sub.add_parser("batch", help="generate one video per prompt of prompt files on a Ray cluster")
     bat.add_argument("--prompts", nargs="+", required=True, metavar="URL",
-                     help=".txt/.jsonl/.csv/.parquet files or globs, local or any fsspec URL (s3://...)")
+                     help=".txt/.jsonl/.csv/.parquet files or globs, local or any fsspec URL (s3://...). .txt: a "
+                          "prompt per line; the others: a prompt column and optional id, seed, fps, steps, guidance, "
+                          "negative_prompt and motion (motion guidance DY, DX: [dy, dx] in .jsonl, \"dy dx\" in .csv, "
+                          "a list column in .parquet)")
     bat.add_argument("--output", required=True, metavar="URL", help="directory/prefix for videos and manifest.parquet")
     bat.add_argument("--pools", help="per-stage actor pools YAML (default cluster/pools.yaml)")
     bat.add_argument("--preset", help="fresh (untrained) weights from this stage preset name or YAML path")
@@ -209,12 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
     bat.set_defaults(func=cmd_batch)
 
-    from workflows import evaluate, recipe, serve, train
-
     serve.add_parser(sub)
     train.add_parsers(sub)
-    recipe.add_parsers(sub)
-    evaluate.add_parsers(sub)
+    shapes.add_parsers(sub)  # recipe, eval, data synth
     return parser
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from workflows import columns
 from workflows.pools import PoolConfig
 
 ROW_KEY = "_row"
@@ -39,28 +40,6 @@ class StageSpec:
     name: str
     factory: Callable[[], BatchFn]   # called inside the actor: load the network there, once
     pool: PoolConfig
-
-
-def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(batches) == 1:
-        return batches[0]
-    keys = batches[0].keys()
-    return {k: np.concatenate([b[k] for b in batches]) for k in keys}
-
-
-def take_rows(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    if len(idx) == len(batch[ROW_KEY]) and np.array_equal(idx, np.arange(len(idx))):
-        return batch
-    return {k: v[idx] for k, v in batch.items()}
-
-
-def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Row dicts -> columns (strings as object arrays, numbers as their numpy dtype)."""
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        out[key] = np.array(values, dtype=object) if isinstance(values[0], str) else np.array(values)
-    return out
 
 
 class PoolActor:
@@ -87,7 +66,7 @@ class PoolActor:
 
     def process(self, parts: list[tuple[ray.ObjectRef, np.ndarray]]) -> tuple[dict | None, dict]:
         batches = ray.get([ref for ref, _ in parts])
-        batch = concat_batches([take_rows(b, idx) for b, (_, idx) in zip(batches, parts)])
+        batch = columns.concat([columns.take(b, idx) for b, (_, idx) in zip(batches, parts)])
         keys = [int(k) for k in batch[ROW_KEY]]
         with self._compute:
             start = time.perf_counter()
@@ -109,10 +88,10 @@ class PoolActor:
         outs, failed = [], {}
         for i, key in enumerate(keys):
             try:
-                outs.append(self.fn(take_rows(batch, np.array([i]))))
+                outs.append(self.fn(columns.take(batch, np.array([i]))))
             except Exception as row_error:
                 failed[key] = _describe(row_error)
-        return (concat_batches(outs) if outs else None), failed
+        return (columns.concat(outs) if outs else None), failed
 
 
 def _describe(e: BaseException) -> str:
@@ -319,7 +298,7 @@ class StreamingExecutor:
                     break
             if buffer and (len(buffer) >= b0 or source_done or self._in_flight + len(buffer) >= self.max_rows_in_flight):
                 keys = [int(r[ROW_KEY]) for r in buffer]
-                self._enqueue(0, ray.put(rows_to_batch(buffer)), keys)
+                self._enqueue(0, ray.put(columns.from_rows(buffer)), keys)
                 self._in_flight += len(buffer)
                 buffer = []
             for i in reversed(range(len(self.pools))):

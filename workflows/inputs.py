@@ -1,7 +1,9 @@
 """Prompt files for batch jobs: .txt, .jsonl, .csv, .parquet, globs, any fsspec URL; streamed row by row.
 
 ``.txt``: one prompt per line, blank lines skipped. Other formats: a ``prompt`` column and optional
-``seed``, ``fps``, ``negative_prompt``, ``id``, ``steps``, ``guidance``. A row that is wrong on its own
+``seed``, ``fps``, ``negative_prompt``, ``id``, ``steps``, ``guidance`` and ``motion`` (motion guidance, (dy, dx)
+in frame sizes per keyframe: a JSON list ``[dy, dx]`` in .jsonl, a string ``"dy dx"`` in .csv, a list column in
+.parquet; empty or null: off). A row that is wrong on its own
 (bad value, non-UTF-8 line, duplicate id) becomes an :class:`InputRow` with ``error`` set, so the job
 records it as failed and goes on; a file that cannot be used at all raises :class:`InputError`.
 """
@@ -22,7 +24,7 @@ import fsspec
 
 from stages.errors import UserError
 
-COLUMNS = ("prompt", "seed", "fps", "negative_prompt", "id", "steps", "guidance")
+COLUMNS = ("prompt", "seed", "fps", "negative_prompt", "id", "steps", "guidance", "motion")
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
@@ -223,7 +225,8 @@ def _csv_batches(url: str) -> Iterator[list[dict]]:
     import pyarrow.csv as pacsv
 
     with fsspec.open(url, "rb") as fh:
-        convert = pacsv.ConvertOptions(column_types={"prompt": pa.string(), "negative_prompt": pa.string(), "id": pa.string()})
+        text = {name: pa.string() for name in ("prompt", "negative_prompt", "id", "motion")}
+        convert = pacsv.ConvertOptions(column_types=text)
         try:
             reader = pacsv.open_csv(fh, convert_options=convert)
             for batch in reader:

@@ -1,4 +1,5 @@
-"""Where videos go: safe file names from user text, writability checks, atomic writes through fsspec."""
+"""Where videos go: safe file names from user text, and writability checks through fsspec (writing itself:
+``stages.fsio.write_bytes_atomic``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.fsio import is_local, join, write_bytes_atomic
-
-__all__ = ["check_writable", "is_local", "join", "safe_name", "write_bytes_atomic"]
+from stages.fsio import join
 
 
 def safe_name(text: str, max_len: int = 48) -> str:

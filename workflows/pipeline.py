@@ -18,7 +18,7 @@ import torch
 
 from stages.config import FRAME_STAGES, STAGE_NAMES
 from workflows.presets import DEFAULT_PRESET
-from workflows.runners import RUNNERS, StageProgress, StageRunner
+from workflows.runners import RUNNER_OF, StageProgress, StageRunner
 
 MAX_SEED = 2**63 - 1
 DEFAULT_FPS = 5
@@ -115,10 +115,10 @@ class Pipeline:
         whose output is the video (``decoder``: D^t's keyframes, at the requested fps)."""
         if until not in FRAME_STAGES:
             raise ValueError(f"until must be one of {', '.join(FRAME_STAGES)}, got {until!r}")
-        runners = RUNNERS[: STAGE_NAMES.index(until) + 1]
+        stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
         per_stage = checkpoint if isinstance(checkpoint, Mapping) else dict.fromkeys(STAGE_NAMES, checkpoint)
         self.runners: list[StageRunner] = [
-            cls(checkpoint=per_stage[cls.stage], preset=preset, device=device, progress=progress) for cls in runners
+            RUNNER_OF[s](checkpoint=per_stage[s], preset=preset, device=device, progress=progress) for s in stages
         ]
 
     def run(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 
-import fsspec
-import yaml
-
-from stages.config import STAGE_NAMES, ConfigError, yaml_problem
+from stages.config import STAGE_NAMES, ConfigError
+from stages.fsio import parse_yaml_mapping, read_yaml_mapping
 
 POOL_STAGES = (*STAGE_NAMES, "writer")
 
@@ -95,12 +93,17 @@ def _int(key: str, value: object) -> int:
 
 
 def parse_pools(text: str, where: str = "pools") -> dict[str, PoolConfig]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: {yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of stage name to pool")
+    """The pools of a YAML text; ConfigError naming ``where`` and the bad stage or key."""
+    return _pools(parse_yaml_mapping(text, where, ConfigError), where)
+
+
+def load_pools(url: str | None = None) -> dict[str, PoolConfig]:
+    """The pools of a YAML file (local path or fsspec URL; default ``cluster/pools.yaml``)."""
+    url = url or default_pools_file()
+    return _pools(read_yaml_mapping(url, ConfigError), url)
+
+
+def _pools(data: dict, where: str) -> dict[str, PoolConfig]:
     unknown = sorted(set(data) - set(POOL_STAGES))
     if unknown:
         raise ConfigError(f"{where}: unknown stage {unknown[0]!r}; expected one of: {', '.join(POOL_STAGES)}")
@@ -109,12 +112,3 @@ def parse_pools(text: str, where: str = "pools") -> dict[str, PoolConfig]:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
-
-def load_pools(path: str | None = None) -> dict[str, PoolConfig]:
-    path = path or default_pools_file()
-    try:
-        with fsspec.open(path, "r") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read pools file {path}: {e}") from None
-    return parse_pools(text, where=path)

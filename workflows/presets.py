@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from importlib import resources
 
-import fsspec
-
-from stages.config import CascadeConfig, ConfigError, load_yaml
+from stages.config import CascadeConfig, ConfigError, from_dict
+from stages.fsio import read_yaml_mapping
 
 DEFAULT_PRESET = "cpu"
 DEFAULT_MODEL = "shapes"    # cluster/models/shapes: trained by `mav recipe shapes`
@@ -25,16 +24,16 @@ def preset_names() -> list[str]:
 def load_preset(name_or_path: str = DEFAULT_PRESET) -> CascadeConfig:
     """A named preset (``cpu``, ``paper``) or a YAML file path/URL -> the cascade config."""
     if name_or_path.endswith((".yaml", ".yml")):
-        try:
-            with fsspec.open(name_or_path, "r") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read preset {name_or_path}: {e}") from None
-        return load_yaml(CascadeConfig, text, where="")
-    if name_or_path not in preset_names():
+        url = name_or_path
+    elif name_or_path in preset_names():
+        url = os.path.join(preset_dir(), f"{name_or_path}.yaml")
+    else:
         raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(preset_names())} (or a .yaml path)")
-    with open(os.path.join(preset_dir(), f"{name_or_path}.yaml")) as f:
-        return load_yaml(CascadeConfig, f.read(), where="")
+    data = read_yaml_mapping(url, ConfigError)
+    try:
+        return from_dict(CascadeConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"preset {name_or_path}: {e}") from None
 
 
 def model_path(name: str = DEFAULT_MODEL) -> str:

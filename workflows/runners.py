@@ -12,6 +12,7 @@ per keyframe, NaN = none). Frames cross stages as uint8 ``b 3 f h w``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from stages import cascade
 from stages.checkpoint import load_stage
 from stages.config import STAGE_NAMES
+from workflows import columns
 from workflows.presets import DEFAULT_PRESET, load_preset
 from workflows.video import from_uint8, to_uint8
 
@@ -36,24 +38,6 @@ def load_network(stage: str, *, checkpoint: str | None, preset: str, device: tor
         return load_stage(checkpoint, stage, device=device)
     cfg = getattr(load_preset(preset), stage)
     return cfg, cascade.build_stage(stage, cfg).to(device).eval()
-
-
-def _steps_groups(batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int | None]]:
-    """Row indices grouped by requested step count (rows with different counts cannot share a loop)."""
-    steps = batch["steps"].astype(np.int64)
-    return [(np.flatnonzero(steps == s), int(s) or None) for s in np.unique(steps)]
-
-
-def _scatter(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
-    first = parts[0][1]
-    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
-    for idx, values in parts:
-        out[idx] = values
-    return out
-
-
-def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in batch.items()}
 
 
 class StageRunner:
@@ -84,11 +68,12 @@ class StageRunner:
         n = len(batch["seed"])
         with torch.inference_mode():
             parts: dict[str, list] = {}
-            for idx, steps in _steps_groups(batch):
-                for key, values in self.run(_take(batch, idx), steps).items():
+            # Rows with different step counts cannot share a sampling loop (0: the preset's count).
+            for idx, steps in columns.groups(batch["steps"].astype(np.int64)):
+                for key, values in self.run(columns.take(batch, idx), int(steps) or None).items():
                     parts.setdefault(key, []).append((idx, values))
         out = {k: v for k, v in batch.items() if k not in self.drops}
-        out.update({k: _scatter(v, n) for k, v in parts.items()})
+        out.update({k: columns.scatter(v, n) for k, v in parts.items()})
         return out
 
     def run(self, batch: dict[str, np.ndarray], steps: int | None) -> dict[str, np.ndarray]:
@@ -188,37 +173,34 @@ class InterpolationRunner(StageRunner):
         return {"video": to_uint8(video), "video_fps": out_fps.numpy().astype(np.float32)}
 
 
-class SRLowRunner(StageRunner):
-    """SR_l^t: spatiotemporal super-resolution."""
+class SuperResolutionRunner(StageRunner):
+    """SR_l^t (``sr_low``: spatiotemporal, every frame at once) or SR_h (``sr_high``: frame by frame, with the
+    same noise for every frame): low-resolution frames -> high-resolution frames."""
 
-    stage = "sr_low"
+    RESOLVE = {"sr_low": cascade.super_resolve_video, "sr_high": cascade.super_resolve_frames}
+
+    def __init__(self, stage: str, **kwargs) -> None:
+        if stage not in self.RESOLVE:
+            raise ValueError(f"a super-resolution stage is one of {', '.join(self.RESOLVE)}, got {stage!r}")
+        self.stage = stage
+        super().__init__(**kwargs)
 
     def run(self, batch, steps):
         dtype = next(self.net.parameters()).dtype
-        video = cascade.super_resolve_video(
+        video = self.RESOLVE[self.stage](
             self.net, self.cfg, from_uint8(batch["video"], dtype), _seeds(batch), steps=steps, progress=self._progress
         )
         return {"video": to_uint8(video)}
 
 
-class SRHighRunner(StageRunner):
-    """SR_h: per-frame spatial super-resolution with the same noise for every frame."""
+RUNNER_OF: dict[str, Callable[..., StageRunner]] = {
+    "clip": TextEncoderRunner,
+    "prior": PriorRunner,
+    "decoder": DecoderRunner,
+    "interpolation": InterpolationRunner,
+    "sr_low": functools.partial(SuperResolutionRunner, "sr_low"),
+    "sr_high": functools.partial(SuperResolutionRunner, "sr_high"),
+}
+"""Stage name -> its runner's constructor (keywords ``checkpoint``, ``preset``, ``device``, ``progress``), in
+cascade order."""
 
-    stage = "sr_high"
-
-    def run(self, batch, steps):
-        dtype = next(self.net.parameters()).dtype
-        video = cascade.super_resolve_frames(
-            self.net, self.cfg, from_uint8(batch["video"], dtype), _seeds(batch), steps=steps, progress=self._progress
-        )
-        return {"video": to_uint8(video)}
-
-
-RUNNERS: tuple[type[StageRunner], ...] = (
-    TextEncoderRunner,
-    PriorRunner,
-    DecoderRunner,
-    InterpolationRunner,
-    SRLowRunner,
-    SRHighRunner,
-)

@@ -2,7 +2,6 @@
 own weight layout loads; bad checkpoints are CheckpointErrors that say what is wrong; nothing is unpickled;
 writes are atomic."""
 
-import dataclasses
 import os
 import pickle
 import re
@@ -22,9 +21,9 @@ from stages.checkpoint import (
     load_stage,
     save_bundle,
     save_stage,
-    write_bytes_atomic,
 )
 from stages.config import STAGE_NAMES
+from stages.fsio import write_bytes_atomic
 
 UNET_STAGES = ("decoder", "interpolation", "sr_low", "sr_high")
 
@@ -107,22 +106,6 @@ def test_round_trip_is_exact(store, name, trained, tiny_config):
     assert loaded_cfg == cfg
     assert not loaded.training
     assert_same_network(name, cfg, trained[name], loaded)
-
-
-@pytest.mark.parametrize("name", ["decoder", "interpolation"])
-def test_round_trip_with_fps_in_the_temporal_layers(tmp_path, name, tiny_config):
-    base = getattr(tiny_config, name)
-    cfg = dataclasses.replace(base, unet=dataclasses.replace(base.unet, temporal_fps=True))
-    net = build_stage(name, cfg).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    save_stage(str(tmp_path), name, cfg, net)
-    loaded_cfg, loaded = load_stage(str(tmp_path), name)
-    assert loaded_cfg == cfg and loaded_cfg.unet.temporal_fps
-    assert any(".temporal_fps." in k for k in loaded.state_dict())
-    assert_same_network(name, cfg, net, loaded)
 
 
 def test_bundle_config_round_trip(store, trained, tiny_config):

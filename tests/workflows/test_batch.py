@@ -1,7 +1,9 @@
 """`mav batch` on a real local Ray instance, prompt files and outputs on an S3-compatible server on loopback."""
 
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,14 +14,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ray import cloudpickle
+import yaml
 
+from stages.fsio import read_yaml_mapping
 from workflows.batch import JobSpec, run_job
-from workflows.engine import ROW_KEY, StageSpec, StreamingExecutor
 from workflows.inputs import InputError
-from workflows.pools import PoolConfig, parse_pools
-
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+from workflows.pools import parse_pools
+from workflows.progress import RowBars
 
 POOLS = """
 clip: {actors: 1, gpus: 0.25, cpus: 0.5, batch_size: 4}
@@ -214,143 +215,60 @@ def test_interrupt_then_resume_produces_every_video_exactly_once(tmp_path, tiny_
     assert not list(out.glob(".tmp-*"))
 
 
-# -- the executor on its own ---------------------------------------------------------------------
-
-class AddOne:
-    def __call__(self, batch):
-        return {**batch, "x": batch["x"] + 1}
-
-
-class DieOnce:
-    """Kills its own process the first time it sees row 5 (a marker file makes it once per test)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __call__(self, batch):
-        if 5 in batch[ROW_KEY] and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return {**batch, "x": batch["x"] * 10}
+@pytest.fixture(scope="module")
+def shared_noise_preset(tmp_path_factory, tiny_preset_file) -> str:
+    """The tiny preset with D^t's frames sharing half their noise, so motion guidance has something to move."""
+    data = read_yaml_mapping(tiny_preset_file)
+    data["decoder"]["frame_noise"] = {"shared": 0.5}
+    path = tmp_path_factory.mktemp("preset") / "tiny-shared.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
-class Collect:
-    def __init__(self, log):
-        self.log = log
-
-    def __call__(self, batch):
-        with open(self.log, "a") as f:
-            for k in batch[ROW_KEY]:
-                f.write(f"{k}\n")
-        return batch
-
-
-def test_killed_actor_is_replaced_and_rows_produced_exactly_once(ray_session, tmp_path):
-    pool = PoolConfig(cpus=0.5, batch_size=2)
-    specs = [
-        StageSpec("add", AddOne, pool),
-        StageSpec("die", lambda: DieOnce(str(tmp_path / "died")), PoolConfig(cpus=0.5, batch_size=3)),
-        StageSpec("collect", lambda: Collect(str(tmp_path / "log")), pool),
+def test_motion_column_in_every_format(ray_session, tmp_path, shared_noise_preset, pools):
+    """``motion``: [dy, dx] in JSONL, "dy dx" in CSV, a list in Parquet; recorded in the manifest; a bad value
+    fails its row with a reason naming motion; a rerun finds every motion unchanged."""
+    rows = [
+        {"prompt": "a red ball", "seed": 1, "id": "still"},
+        {"prompt": "a red ball", "seed": 1, "id": "moving", "motion": [0.1, -0.25]},
+        {"prompt": "a red ball", "seed": 1, "id": "null", "motion": None},
+        {"prompt": "a red ball", "id": "fast", "motion": [0.6, 0]},
+        {"prompt": "a red ball", "id": "one", "motion": [0.1]},
+        {"prompt": "a red ball", "id": "text", "motion": "up"},
     ]
-    executor = StreamingExecutor(specs)
-    out = {}
-    for c in executor.run({ROW_KEY: i, "x": i} for i in range(20)):
-        assert not c.failed
-        for k, x in zip(c.batch[ROW_KEY], c.batch["x"]):
-            assert int(k) not in out
-            out[int(k)] = int(x)
-    executor.shutdown()
-    assert (tmp_path / "died").exists()
-    assert out == {i: (i + 1) * 10 for i in range(20)}
-    logged = [int(line) for line in (tmp_path / "log").read_text().split()]
-    assert sorted(logged) == list(range(20))  # the last stage saw every row exactly once
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.csv").write_text('prompt,id,motion\na blue square,csv,0.05 0.1\na blue square,csv-empty,\n'
+                                    'a blue square,csv-bad,"0.1,0.2"\n')
+    with fsspec.open(str(tmp_path / "c.parquet"), "wb") as f:
+        pq.write_table(pa.table({"prompt": ["a cube", "a cube"], "id": ["pq", "pq-null"],
+                                 "motion": [[0.0, 0.2], None]}), f)
+    job = JobSpec(prompts=(str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv"), str(tmp_path / "c.parquet")),
+                  output=str(tmp_path / "out"), preset=shared_noise_preset)
+    result = run_job(job, pools)
+    got = {r["id"]: r for r in _manifest(job.output)}
+    assert {k: r["status"] for k, r in got.items() if r["status"] != "ok"} == {
+        "fast": "failed", "one": "failed", "text": "failed", "csv-bad": "failed"}
+    assert result.ok == 6
+    for rid in ("fast", "one", "text", "csv-bad"):
+        assert got[rid]["error"].startswith("motion: "), got[rid]["error"]
+    assert got["moving"]["motion"] == pytest.approx([0.1, -0.25]) and got["still"]["motion"] is None
+    assert got["null"]["motion"] is None and got["csv-empty"]["motion"] is None and got["pq-null"]["motion"] is None
+    assert got["csv"]["motion"] == pytest.approx([0.05, 0.1]) and got["pq"]["motion"] == pytest.approx([0.0, 0.2])
+    videos = {rid: open(got[rid]["output"], "rb").read() for rid in ("still", "moving", "null")}
+    assert videos["still"] == videos["null"] != videos["moving"]  # same seed: only the motion differs
+    again = run_job(job, pools)
+    assert (again.ok, again.skipped) == (6, 6)
 
 
-class FailOn:
-    def __call__(self, batch):
-        if 3 in batch[ROW_KEY]:
-            raise ValueError("row 3 is bad")
-        return batch
-
-
-def test_a_row_that_raises_fails_alone(ray_session):
-    executor = StreamingExecutor([StageSpec("f", FailOn, PoolConfig(cpus=0.5, batch_size=4))])
-    ok, failed = set(), {}
-    for c in executor.run({ROW_KEY: i, "x": i} for i in range(8)):
-        failed.update(c.failed)
-        if c.batch is not None:
-            ok.update(int(k) for k in c.batch[ROW_KEY])
-    executor.shutdown()
-    assert ok == set(range(8)) - {3}
-    assert failed == {3: ("f", "ValueError: row 3 is bad")}
-
-
-def test_rows_in_flight_are_bounded(ray_session):
-    """The driver admits rows only as earlier ones finish: the source is never read far ahead."""
-    import time as _time
-
-    class Slow:
-        def __call__(self, batch):
-            _time.sleep(0.05)
-            return batch
-
-    pool = PoolConfig(cpus=0.5, batch_size=2, queue_depth=2)
-    executor = StreamingExecutor([StageSpec("s", Slow, pool)])
-    consumed = []
-    finished = 0
-    peak = 0
-
-    def source():
-        for i in range(40):
-            consumed.append(i)
-            yield {ROW_KEY: i, "x": i}
-
-    for c in executor.run(source()):
-        finished += len(c.batch[ROW_KEY])
-        peak = max(peak, len(consumed) - finished)
-    executor.shutdown()
-    assert finished == 40
-    assert peak <= executor.max_rows_in_flight
-
-
-# -- pools file ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(
-    "text, match",
-    [
-        ("decoderr: {actors: 1}", "unknown stage 'decoderr'"),
-        ("decoder: {actorz: 1}", "unknown key 'decoder.actorz'"),
-        ("decoder: {actors: {min: 3, max: 2}}", "min <= max"),
-        ("decoder: {gpus: -1}", "gpus and cpus must be >= 0"),
-        ("decoder: {batch_size: 0}", "batch_size must be >= 1"),
-        ("decoder: {actors: two}", "decoder.actors: expected an integer"),
-        ("decoder: [1, 2", "invalid YAML"),
-    ],
-)
-def test_pools_errors(text, match):
-    from stages.config import ConfigError
-
-    with pytest.raises(ConfigError, match=match):
-        parse_pools(text)
-
-
-def test_default_pools_file_and_one_stage_change():
-    from workflows.pools import load_pools
-
-    pools = load_pools()
-    assert set(pools) == {"clip", "prior", "decoder", "interpolation", "sr_low", "sr_high", "writer"}
-    changed = parse_pools("decoder: {actors: 3, gpus: 0.5, batch_size: 8}")
-    assert changed["decoder"] == PoolConfig(min_actors=3, max_actors=3, gpus=0.5, batch_size=8)
-    assert changed["sr_low"] == PoolConfig()  # other stages keep their defaults
-
-
-def test_cluster_manifests_name_the_pools_file():
-    import yaml
-
-    here = os.path.join(os.path.dirname(__file__), "..", "..", "cluster")
-    names = ["ray-cluster-aws.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob-batch.yaml"]
-    for name in names:
-        with open(os.path.join(here, name)) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        assert docs, name
-        assert "cluster/pools.yaml" in json.dumps(docs), name
+def test_rows_in_a_log_with_totals_rate_and_eta(ray_session, tmp_path, tiny_preset_file, pools):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(3))
+                                      + '{"prompt": "bad", "fps": 0}\n')
+    log = io.StringIO()
+    run_job(JobSpec(prompts=(str(tmp_path / "p.jsonl"),), output=str(tmp_path / "out"), preset=tiny_preset_file),
+            pools, progress=RowBars(log, every=3600))
+    lines = log.getvalue().splitlines()  # with a long period: the first update and the final one
+    last = lines[-7:]
+    assert [line.split()[0] for line in last] == ["clip", "prior", "decoder", "interpolation", "sr_low", "sr_high",
+                                                   "writer"]
+    assert all(re.search(r" 3/3 rows \[\d\d:\d\d<00:00, +[\d.]+\w*(rows?/s|s/row)\], busy \d/\d, queued 0$", line)
+               for line in last), last

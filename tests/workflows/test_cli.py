@@ -15,8 +15,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from workflows.cli import StageProgressPrinter, main
+from workflows.cli import main
 from workflows.errors import EXIT_USAGE
+from workflows.progress import StageBars
 from workflows.video import decode_mp4
 
 # Prompt 0 of every successful run below: seed 3, keyframes at 4 fps, so the video plays at 4 × skip.
@@ -66,10 +67,12 @@ def test_console_script_gives_the_same_bytes(reference, tmp_path, tiny_preset_fi
     assert out.read_bytes() == reference
     lines = proc.stderr.splitlines()
     assert lines[0] == "seed 3"
-    stages = [line.split()[0] for line in lines if line.startswith("[")]
-    assert stages == [f"[{i}/6]" for i in range(1, 7)]
+    # Not a terminal: plain lines, one per finished stage (a stage running past 15 s would add more).
+    stages = [line for line in lines if line.startswith("[")]
+    assert list(dict.fromkeys(line.split()[0] for line in stages)) == [f"[{i}/6]" for i in range(1, 7)]
+    assert all("\r" not in line and re.search(r" (\d+)/\1 steps \[", line) for line in stages), stages
     assert lines[-2] == f"wrote {out} (7 frames, 32x32, 8 fps)" and lines[-1].startswith("done in ")
-    assert len(lines) == 9, proc.stderr  # no warnings or log lines from the libraries
+    assert len(lines) == len(stages) + 3, proc.stderr  # no warnings or log lines from the libraries
     assert proc.stdout == ""
 
 
@@ -128,10 +131,11 @@ def _one_error_line(err: str) -> str:
     "argv, message",
     [
         (["generate", " ", "--out", "{tmp}/a.mp4", "--preset", "{preset}"], "prompt 1 is empty"),
-        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "nope"], "--preset: unknown preset 'nope'; available: "),
-        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{tmp}/missing.yaml"], "--preset: cannot read preset {tmp}/missing.yaml"),
-        pytest.param(["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{tmp}/bad.yaml"],
-                     "--preset: CascadeConfig: invalid YAML"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "nope"], "unknown preset 'nope'; available: "),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: no such file"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{tmp}/bad.yaml"], "{tmp}/bad.yaml: invalid YAML at line 2"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{tmp}/colour.yaml"],
+         "preset {tmp}/colour.yaml: unknown config key 'decoder.colour'"),
         (["generate", "a", "--out", "{tmp}/a.mp4", "--checkpoint", "{tmp}/nowhere"], "cannot read checkpoint {tmp}/nowhere: no clip/config.yaml"),
         (["generate", "a", "--out", "{tmp}/file/a.mp4", "--preset", "{preset}"], "cannot write to {tmp}/file/a.mp4: {tmp}/file is not a directory"),
         (["generate", "a", "--out", "{tmp}/file/sub/a.mp4", "--preset", "{preset}"], "cannot write to {tmp}/file/sub/a.mp4: "),
@@ -142,14 +146,21 @@ def _one_error_line(err: str) -> str:
         (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--steps", "0"], "--steps: must be an integer in 1..1000"),
         (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--guidance", "nan"], "--guidance: must be a number"),
         (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--motion", "0.6", "0"],
+         "--motion: must be two numbers [dy, dx] in -0.5..0.5 (frame sizes per keyframe), got (0.6, 0.0)"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--motion", "nan", "0"], "--motion: must be two numbers"),
+        (["generate", "a", "--out", "{tmp}/a.mp4", "--preset", "{preset}", "--motion", "0.1", "0"],
+         "--motion: motion guidance moves the noise's common part, and this model's decoder D^t shares no noise"),
     ],
-    ids=["empty-prompt", "unknown-preset", "missing-preset-file", "invalid-preset-yaml", "missing-checkpoint",
-         "out-under-a-file", "out-deeper-under-a-file", "fps-0", "fps-31", "prompts-into-mp4", "negative-seed",
-         "steps-0", "guidance-nan", "batch-size-0"],
+    ids=["empty-prompt", "unknown-preset", "missing-preset-file", "invalid-preset-yaml", "unknown-preset-key",
+         "missing-checkpoint", "out-under-a-file", "out-deeper-under-a-file", "fps-0", "fps-31", "prompts-into-mp4",
+         "negative-seed", "steps-0", "guidance-nan", "batch-size-0", "motion-too-fast", "motion-nan",
+         "motion-without-shared-noise"],
 )
 def test_usage_errors_are_one_line(argv, message, tmp_path, tiny_preset_file):
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "bad.yaml").write_text("decoder: [1, 2\n")
+    (tmp_path / "colour.yaml").write_text("decoder: {colour: red}\n")
     fill = {"tmp": str(tmp_path), "preset": tiny_preset_file}
     code, err = run_mav([a.format(**fill) for a in argv])
     assert code == EXIT_USAGE
@@ -205,5 +216,39 @@ def test_errors_in_a_real_process_are_one_line(tmp_path):
 def test_progress_goes_to_the_current_stderr():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        StageProgressPrinter()("clip", 1, 1)
+        StageBars()("clip", 1, 1)
     assert err.getvalue().startswith("[1/6] text encoder")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_is_a_live_bar_per_stage():
+    """On a terminal each stage is a tqdm bar redrawn in place (carriage returns), one finished line each."""
+    out = Terminal()
+    bars = StageBars(out)
+    for step in range(1, 4):
+        bars("decoder", step, 3)
+    bars("interpolation", 1, 1)
+    text = out.getvalue()
+    assert "\r" in text
+    finished = [part for part in text.split("\n") if part.strip()]
+    assert len(finished) == 2
+    assert "[3/6] decoder D^t" in finished[0] and "3/3" in finished[0].rsplit("\r", 1)[-1]
+    assert "[4/6] interpolation ↑F" in finished[1]
+
+
+def test_progress_in_a_log_is_one_line_per_stage_and_periodic_while_it_runs():
+    out = io.StringIO()
+    bars = StageBars(out, every=0.0)
+    for step in range(1, 4):
+        bars("sr_low", step, 3)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" [")[0] for line in lines] == [f"[5/6] SR_l^t           {i}/3 steps" for i in (1, 2, 3)]
+    quiet = io.StringIO()
+    bars = StageBars(quiet, every=3600)
+    for step in range(1, 4):
+        bars("sr_low", step, 3)
+    assert len(quiet.getvalue().splitlines()) == 1  # only the finished stage
