@@ -1,5 +1,9 @@
-"""The shapes world's commands: ``mav recipe``, ``mav eval`` and ``mav data synth`` (see recipe.py,
-evaluate.py and data.py for what each does)."""
+"""The shapes world's commands (recipe.py, evaluate.py and data.py say what each does):
+
+    mav data synth --out s3://bucket/shapes --images 2000 --videos 200
+    mav recipe shapes --output models/shapes
+    mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/shapes
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from stages.fsio import join
 from workflows.errors import EXIT_USAGE, CliError
 from workflows.pipeline import DEFAULT_FPS, check_motion
 from workflows.presets import load_preset
+from workflows.ray_cluster import init_ray
 from workflows.shapes import evaluate, recipe
+from workflows.shapes.data import synth
 from workflows.shapes.world import SPEED, check_speed, parse_holdout
 
 
@@ -78,8 +84,6 @@ def add_parsers(sub) -> None:
 
 def cmd_recipe(args) -> int:
     """``mav recipe NAME --output URL``: see recipe.py."""
-    from workflows.ray_cluster import init_ray
-
     try:
         rc = recipe.load_recipe(args.config or recipe.recipe_path(args.name, args.size))
         overrides = {k: v for k, v in (("preset", args.preset), ("workers", args.workers),
@@ -132,8 +136,6 @@ def cmd_eval(args) -> int:
 
 def cmd_synth(args) -> int:
     """``mav data synth --out URL``: see data.py."""
-    from workflows.shapes.data import synth
-
     if args.images < 0 or args.videos < 0:
         raise CliError("--images and --videos must be >= 0")
 

@@ -34,8 +34,9 @@ from importlib import resources
 from stages.checkpoint import load_stage, save_stage
 from stages.config import ConfigError, from_dict, to_dict
 from stages.fsio import join, read_bytes, read_yaml_mapping, write_bytes_atomic
-from stages.training import STAGE_OF, TrainConfig
+from stages.training import TRAINING_STAGES, TrainConfig
 from workflows.presets import load_preset
+from workflows.shapes.data import synth
 from workflows.shapes.world import SPEED, check_speed, parse_holdout
 
 RECIPE_ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
@@ -149,7 +150,6 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
 
     Raises ConfigError for a recipe that cannot run, or an ``output`` holding a recipe run of other settings.
     """
-    from workflows.shapes.data import synth
     from workflows.train import TrainJob, has_run, run_training  # loaded only when a recipe runs
 
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -182,7 +182,7 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
             continue
         cfg = recipe.stages[stage]
         job = TrainJob(stage=stage, data=(data,), output=output, config=cfg, preset=recipe.preset,
-                       init=output if STAGE_OF[stage][1] else None, workers=recipe.workers,
+                       init=output if TRAINING_STAGES[stage].init else None, workers=recipe.workers,
                        cpus_per_worker=recipe.cpus_per_worker)
         resume = has_run(job)
         log(f"[recipe] {stage}: {cfg.max_steps} steps of batch {cfg.batch_size}" + (" (resuming)" if resume else ""))
