@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import tempfile
 import time
@@ -30,16 +29,15 @@ def main() -> None:
     ap.add_argument("--out", help="write the figures as JSON here too")
     args = ap.parse_args()
 
-    import ray
-
     from stages.training import TrainConfig
     from workflows.presets import load_preset
-    from workflows.synth import synth
+    from workflows.ray_cluster import init_ray
+    from workflows.shapes.data import synth
     from workflows.train import TrainJob, read_metrics, run_training
-    from workflows.train_data import image_dataset, video_dataset
+    from workflows.train.data import image_dataset, video_dataset
 
     preset = load_preset(args.preset)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    init_ray(None, cpus_needed=4)
     work = tempfile.mkdtemp(prefix="mav-bench-train-")
     data = os.path.join(work, "shapes")
     size = max(preset.sr_high.out_size, preset.clip.image_size)

@@ -1,14 +1,16 @@
-"""Training objectives of every stage, following Make-A-Video's recipe (Sec. 3.4), in pure PyTorch.
+"""Training objectives of every stage, following Make-A-Video's recipe (Sec. 3.4), in pure PyTorch,
+and the one table of training stages (:data:`TRAINING_STAGES`).
 
 No text–video pairs anywhere:
   * ``clip``: contrastive CLIP loss on text–image pairs;
   * ``prior``: (x_e, x̂) -> y_e on text–image pairs, the text dropped (replaced by the empty prompt)
     with probability ``cond_drop_prob`` for classifier-free guidance;
-  * ``decoder``, ``sr_low``, ``sr_high`` on images alone: D conditioned on y_e of the image itself
+  * ``decoder``, ``sr-low``, ``sr-high`` on images alone: D conditioned on y_e of the image itself
     (zeroed with probability ``cond_drop_prob``), SR on its downsampled, noise-augmented copy;
   * ``decoder-video``, ``sr-low-video``: the image networks inflated (temporal layers at identity)
-    and fine-tuned on unlabeled 16-frame clips sampled at fps ∈ [1, 30], the fps drawn from a beta
-    distribution whose mass moves from high fps (little motion) to low fps (much motion);
+    and fine-tuned on unlabeled clips sampled at fps ∈ [fps_min, fps_max], the fps drawn from a beta
+    distribution whose mass moves from high fps (little motion) to low fps (much motion); a clip's noise
+    shares ρ = ``frame_noise.shared`` of its variance across frames (:func:`stages.noise.training_noise`);
   * ``interpolation``: D^t with 4 more input channels (masked frames + mask), trained to fill
     frames for interpolation at a random skip and extrapolation at a clip's start or end.
 """
@@ -16,8 +18,9 @@ No text–video pairs anywhere:
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +28,11 @@ from einops import rearrange
 from torch import nn
 
 from stages import cascade
-from stages.config import ConfigError, DiffusionConfig
+from stages.config import CascadeConfig, ConfigError, DiffusionConfig, FrameNoiseConfig
 from stages.diffusion import training_loss, training_scheduler
-from stages.temporal import temporal_parameter_names
-from stages.unet import VideoUNet
-
-TRAIN_STAGES = ("clip", "prior", "decoder", "decoder-video", "interpolation", "sr-low", "sr-low-video", "sr-high")
-
-# training stage -> (cascade stage it produces, cascade stage it starts from with --init, or None)
-STAGE_OF = {
-    "clip": ("clip", None),
-    "prior": ("prior", None),
-    "decoder": ("decoder", None),
-    "decoder-video": ("decoder", "decoder"),
-    "interpolation": ("interpolation", "decoder"),
-    "sr-low": ("sr_low", None),
-    "sr-low-video": ("sr_low", "sr_low"),
-    "sr-high": ("sr_high", None),
-}
-VIDEO_STAGES = ("decoder-video", "sr-low-video", "interpolation")
+from stages.noise import training_noise
+from stages.temporal import inflate, temporal_parameter_names
+from stages.unet import VideoUNet, widen_input
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +118,24 @@ def interpolation_mask(frames: int, cfg: TrainConfig, generator: torch.Generator
     return known
 
 
+def sample_clips(videos: torch.Tensor, lengths, src_fps, progress: float, cfg: TrainConfig,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.frames``-frame clips ``b c f h w`` of ``videos`` ``b c T h w`` (the first ``lengths[i]`` frames
+    of each valid, recorded at ``src_fps[i]``) at fps drawn from the schedule at ``progress``; returns
+    (clips, their actual fps ``b``)."""
+    target = sample_fps(progress, len(videos), cfg, generator)
+    clips, fps = [], []
+    for video, n, src, f in zip(videos, lengths, src_fps, target.tolist()):
+        clip, actual = sample_clip(video, int(n), float(src), f, cfg.frames, generator)
+        clips.append(clip)
+        fps.append(actual)
+    return torch.stack(clips), torch.tensor(fps, dtype=torch.float32)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model  # DistributedDataParallel
+
+
 def _drop(n: int, p: float, generator: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(n, generator=generator) < p).to(device)
 
@@ -145,7 +152,7 @@ def prior_loss(prior: nn.Module, clip: nn.Module, images: torch.Tensor, captions
                cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
     """Diffusion loss of P on y_e = CLIP_image(image) given (x_e, x̂) of its caption; captions are
     replaced by the empty prompt with probability ``cfg.cond_drop_prob``."""
-    module = prior.module if hasattr(prior, "module") else prior
+    module = _unwrap(prior)
     drop = torch.rand(len(captions), generator=generator) < cfg.cond_drop_prob
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     with torch.no_grad():
@@ -162,36 +169,41 @@ def image_embeds(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
-                 cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
+                 cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0,
+                 shared: float = 0.0) -> torch.Tensor:
     """D on images (f = 1, fps 0) or D^t on clips ``b 3 f h w``, conditioned on y_e of the middle frame
-    (zeroed with probability ``cfg.cond_drop_prob``)."""
+    (zeroed with probability ``cfg.cond_drop_prob``); a clip's noise shares ρ = ``shared`` across frames."""
     y = image_embeds(clip, video[:, :, video.shape[2] // 2])
     y = torch.where(_drop(len(y), cfg.cond_drop_prob, generator, y.device)[:, None], torch.zeros_like(y), y)
     return training_loss(decoder, video, cfg=cfg, cond={"image_embeds": y, "fps": fps}, generator=generator,
-                         snr_gamma=snr_gamma)
+                         noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
 
 
 def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
                        known: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator,
-                       snr_gamma: float = 0.0) -> torch.Tensor:
-    """↑F: generate ``video`` (``b 3 f h w``) given its ``known`` (``b f``) frames and the mask channel."""
+                       snr_gamma: float = 0.0, shared: float = 0.0) -> torch.Tensor:
+    """↑F: generate ``video`` (``b 3 f h w``) given its ``known`` (``b f``) frames and the mask channel;
+    the noise shares ρ = ``shared`` across frames."""
     y = image_embeds(clip, video[:, :, video.shape[2] // 2])
     cond = {"cond_frames": cascade.infill_inputs(video, known), "image_embeds": y, "fps": fps}
-    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator, snr_gamma=snr_gamma)
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator,
+                         noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
 
 
 def sr_loss(net: nn.Module, in_size: int, video: torch.Tensor, noise_aug_max: int, cfg: DiffusionConfig,
-            generator: torch.Generator, snr_gamma: float = 0.0) -> torch.Tensor:
+            generator: torch.Generator, snr_gamma: float = 0.0, shared: float = 0.0) -> torch.Tensor:
     """SR on ``b 3 f H W`` targets: the condition is the target downsampled to ``in_size``, upsampled
-    back and noised to a random level t_aug ≤ ``noise_aug_max`` (given to the network)."""
+    back and noised to a random level t_aug ≤ ``noise_aug_max`` (given to the network); the noise of the
+    target shares ρ = ``shared`` across frames."""
     b, _, f, H, _ = video.shape
     frames = rearrange(video, "b c f h w -> (b f) c h w")
     low = F.interpolate(downsample(frames, in_size), size=(H, H), mode="bilinear", align_corners=False)
     low = rearrange(low, "(b f) c h w -> b c f h w", b=b)
     t_aug = torch.randint(0, noise_aug_max + 1, (b,), generator=generator).to(video.device)
-    noise = torch.randn(low.shape, generator=generator).to(video.device, video.dtype)
-    cond = {"cond_frames": training_scheduler(cfg).add_noise(low, noise, t_aug), "noise_level": t_aug.float()}
-    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator, snr_gamma=snr_gamma)
+    aug = torch.randn(low.shape, generator=generator).to(video.device, video.dtype)
+    cond = {"cond_frames": training_scheduler(cfg).add_noise(low, aug, t_aug), "noise_level": t_aug.float()}
+    return training_loss(net, video, cfg=cfg, cond=cond, generator=generator,
+                         noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -201,21 +213,168 @@ def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4, fps: bool = False) -> VideoUNet:
-    """The image network made pseudo-3D in place (temporal layers at identity; with ``fps``, reading the
-    frame rate too: ``UNetConfig.temporal_fps``); returns it."""
-    from dataclasses import replace
+def downsample_video(video: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`downsample` of every frame of ``b 3 f h w``."""
+    if video.shape[-1] == size:
+        return video
+    frames = downsample(rearrange(video, "b c f h w -> (b f) c h w"), size)
+    return rearrange(frames, "(b f) c h w -> b c f h w", b=video.shape[0])
 
-    from stages.temporal import inflate
-    from stages.unet import temporal_fps_dim
 
+# -- the table of training stages ------------------------------------------------------------------
+
+TEXT_IMAGE, IMAGES, VIDEOS = "text-image pairs", "images", "videos"  # what a training stage reads
+
+
+@dataclass(frozen=True, kw_only=True)
+class Samples:
+    """One step's usable training items, on the device."""
+
+    pixels: torch.Tensor          # b 3 f h w in [-1, 1]; an image is a video with f = 1
+    fps: torch.Tensor             # b: each clip's frame rate; 0 for images
+    captions: tuple[str, ...] = ()  # text–image pairs: one caption per item
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossContext:
+    """What a stage's loss reads besides its network and samples."""
+
+    stage_cfg: Any                # the stage's config (DecoderConfig, SRLowConfig, ...)
+    train: TrainConfig
+    generator: torch.Generator    # this worker's; every draw of the loss comes from it
+    clip: nn.Module | None = None  # the frozen CLIP stage, for the stages that need it
+
+
+def _frame_noise(stage_cfg) -> FrameNoiseConfig:
+    """The stage's frame-noise config; independent noise for a stage whose output has no frames (SR_h)."""
+    return getattr(stage_cfg, "frame_noise", None) or FrameNoiseConfig()
+
+
+def _clip_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
+    visual = _unwrap(model).model.visual.image_size
+    tokens, _ = _unwrap(model).tokenize(list(x.captions))
+    images = downsample(x.pixels[:, :, 0], visual[0] if isinstance(visual, tuple) else visual)
+    return clip_loss(model, images, tokens.to(x.pixels.device))
+
+
+def _prior_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
+    return prior_loss(model, ctx.clip, x.pixels[:, :, 0], list(x.captions), ctx.stage_cfg.diffusion, ctx.generator,
+                      ctx.train.min_snr_gamma)
+
+
+def _decoder_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
+    video = downsample_video(x.pixels, ctx.stage_cfg.size)
+    return decoder_loss(model, ctx.clip, video, x.fps, ctx.stage_cfg.diffusion, ctx.generator,
+                        ctx.train.min_snr_gamma, shared=_frame_noise(ctx.stage_cfg).shared)
+
+
+def _interpolation_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
+    f = x.pixels.shape[2]
+    known = torch.stack([interpolation_mask(f, ctx.train, ctx.generator) for _ in range(len(x.pixels))])
+    return interpolation_loss(model, ctx.clip, x.pixels, x.fps, known.to(x.pixels.device), ctx.stage_cfg.diffusion,
+                              ctx.generator, ctx.train.min_snr_gamma, shared=_frame_noise(ctx.stage_cfg).shared)
+
+
+def _sr_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
+    cfg = ctx.stage_cfg
+    return sr_loss(model, cfg.in_size, downsample_video(x.pixels, cfg.out_size), ctx.train.noise_aug_max, cfg.diffusion,
+                   ctx.generator, ctx.train.min_snr_gamma, shared=_frame_noise(cfg).shared)
+
+
+def _clip_input_size(preset: CascadeConfig) -> int:
+    return preset.clip.image_size if preset.clip.arch == "custom" else 224
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingStage:
+    """One ``mav train`` stage: what it produces, what it starts from, what it reads and how it learns."""
+
+    name: str
+    produces: str                 # the cascade stage it writes (stages.config.STAGE_NAMES)
+    init: str | None = None       # the cascade stage it starts from (--init BUNDLE); None: fresh from the preset
+    data: str                     # TEXT_IMAGE, IMAGES or VIDEOS
+    data_size: Callable[[CascadeConfig], int]  # height = width of its training data, from the preset
+    loss: Callable[[nn.Module, Samples, LossContext], torch.Tensor]
+    needs_clip: bool = False      # its loss reads the frozen CLIP stage
+    inflate: bool = False         # its network is made pseudo-3D (temporal layers at identity) unless it is already
+    widen: int = 0                # input channels added to the network it starts from (zero-initialised)
+
+    @property
+    def video(self) -> bool:
+        return self.data == VIDEOS
+
+    @property
+    def temporal_only_allowed(self) -> bool:
+        """Whether ``TrainConfig.temporal_only`` may freeze all but the temporal layers: a network inflated
+        from a trained image network and gaining no new input channels."""
+        return self.inflate and not self.widen
+
+
+TRAINING_STAGES: dict[str, TrainingStage] = {s.name: s for s in (
+    TrainingStage(name="clip", produces="clip", data=TEXT_IMAGE, data_size=_clip_input_size, loss=_clip_step),
+    TrainingStage(name="prior", produces="prior", data=TEXT_IMAGE, data_size=_clip_input_size, loss=_prior_step,
+                  needs_clip=True),
+    TrainingStage(name="decoder", produces="decoder", data=IMAGES, data_size=lambda p: p.decoder.size,
+                  loss=_decoder_step, needs_clip=True),
+    TrainingStage(name="decoder-video", produces="decoder", init="decoder", data=VIDEOS,
+                  data_size=lambda p: p.decoder.size, loss=_decoder_step, needs_clip=True, inflate=True),
+    TrainingStage(name="interpolation", produces="interpolation", init="decoder", data=VIDEOS,
+                  data_size=lambda p: p.decoder.size, loss=_interpolation_step, needs_clip=True, inflate=True, widen=4),
+    TrainingStage(name="sr-low", produces="sr_low", data=IMAGES, data_size=lambda p: p.sr_low.out_size, loss=_sr_step),
+    TrainingStage(name="sr-low-video", produces="sr_low", init="sr_low", data=VIDEOS,
+                  data_size=lambda p: p.sr_low.out_size, loss=_sr_step, inflate=True),
+    TrainingStage(name="sr-high", produces="sr_high", data=IMAGES, data_size=lambda p: p.sr_high.out_size,
+                  loss=_sr_step),
+)}
+# training stage -> (cascade stage it produces, cascade stage it starts from or None), as the recipe reads it
+STAGE_OF = {name: (s.produces, s.init) for name, s in TRAINING_STAGES.items()}
+
+
+def training_stage(name: str) -> TrainingStage:
+    try:
+        return TRAINING_STAGES[name]
+    except KeyError:
+        raise ConfigError(f"unknown training stage {name!r}; expected one of {', '.join(TRAINING_STAGES)}") from None
+
+
+def image_config(cfg):
+    """``cfg`` for training on images: the 2D network (no temporal layers) making independent frames;
+    inflation and the frames' correlated noise come with video fine-tuning."""
+    if hasattr(cfg, "unet"):
+        cfg = replace(cfg, unet=replace(cfg.unet, temporal=False))
+    if hasattr(cfg, "frame_noise"):
+        cfg = replace(cfg, frame_noise=FrameNoiseConfig())
+    return cfg
+
+
+def start_network(stage: TrainingStage, preset: CascadeConfig,
+                  init: tuple[Any, nn.Module] | None = None) -> tuple[Any, nn.Module]:
+    """(stage config, network) a fresh run of ``stage`` starts from: built from ``preset``, or from ``init``,
+    the (config, network) of its trained ``stage.init`` stage, inflated and widened as the table says; the
+    video stages take the preset's ``frame_noise``."""
+    target = getattr(preset, stage.produces)
+    if stage.init is None:
+        cfg = target if stage.video else image_config(target)
+        return cfg, cascade.build_stage(stage.produces, cfg)
+    if init is None:
+        raise ConfigError(f"{stage.name} starts from a trained {stage.init} stage: pass --init BUNDLE")
+    init_cfg, net = init
+    if stage.inflate and not net.cfg.temporal:
+        net = inflate_network(net, kernel=target.unet.temporal_kernel, heads=target.unet.temporal_heads)
+    if stage.widen:
+        # A new cascade stage: the preset's config, with the conditioning sizes of the network it starts from.
+        net = widen_input(net, stage.widen)
+        return replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
+                       unet=net.cfg), net
+    return replace(init_cfg, unet=net.cfg, frame_noise=target.frame_noise), net
+
+
+def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4) -> VideoUNet:
+    """The image network made pseudo-3D in place (temporal layers at identity); returns it."""
     if net.cfg.temporal:
         raise ValueError("network is already pseudo-3D")
-    if fps and net.fps_embed is None:
-        raise ValueError("temporal_fps needs a network conditioned on fps (D^t, ↑F)")
-    cfg = replace(net.cfg, temporal=True, temporal_kernel=kernel, temporal_heads=heads, temporal_fps=fps)
-    net.frame_context = inflate(net.unet, kernel=kernel, heads=heads, fps_dim=temporal_fps_dim(cfg))
-    net.cfg = cfg
+    net.frame_context = inflate(net.unet, kernel=kernel, heads=heads)
+    net.cfg = replace(net.cfg, temporal=True, temporal_kernel=kernel, temporal_heads=heads)
     return net
 
 
@@ -289,7 +448,7 @@ def probe(stage: str, net: nn.Module) -> list[float]:
     Used to check that a saved checkpoint computes what the trained in-memory network computed.
     """
     g = torch.Generator().manual_seed(1234)
-    net = net.module if hasattr(net, "module") else net
+    net = _unwrap(net)
     dev = next(net.parameters()).device
     with torch.no_grad():
         if stage == "clip":
@@ -316,7 +475,3 @@ def probe(stage: str, net: nn.Module) -> list[float]:
             out = net(x, torch.tensor([500], device=dev), **kwargs)
     out = out.double()
     return [float(out.mean()), float(out.std()), float(out.abs().max()), float(out.flatten()[: 97].sum())]
-
-
-def is_finite(loss: torch.Tensor) -> bool:
-    return bool(torch.isfinite(loss).all()) and not math.isnan(float(loss))

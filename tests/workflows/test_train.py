@@ -1,4 +1,5 @@
-"""`mav train` on Ray Train (2 workers, gloo), data and checkpoints on an S3-compatible server on loopback."""
+"""`mav train` on Ray Train (2 workers, gloo), data and checkpoints on an S3-compatible server on loopback;
+the loop's batches and its reductions on the worker's device; metrics as CSV and TensorBoard events."""
 
 import dataclasses
 import io
@@ -15,12 +16,12 @@ import pytest
 import torch
 
 from stages.checkpoint import load_stage
-from stages.config import ConfigError
+from stages.config import ConfigError, FrameNoiseConfig
 from stages.temporal import spatial_state_dict, temporal_parameter_names
 from stages.training import TrainConfig, probe
-from workflows.synth import synth
 from workflows.presets import load_preset
-from workflows.train import TrainJob, read_metrics, run_training
+from workflows.shapes.data import synth
+from workflows.train import DataError, TrainJob, read_metrics, run_training
 
 pytestmark = pytest.mark.timeout(1800)  # the module fixture trains all eight stages
 
@@ -147,8 +148,6 @@ def test_rerun_needs_resume_and_resume_continues(trained, data, tiny_preset_file
 
 
 def test_missing_inputs_are_clear_errors(ray_session, data, tiny_preset_file, tmp_path):
-    from workflows.train_data import DataError
-
     job = TrainJob(stage="decoder-video", data=(data,), output=str(tmp_path / "m"), config=CONFIG,
                    preset=tiny_preset_file, init=None, clip=None)
     with pytest.raises(ConfigError, match="CLIP"):
@@ -169,6 +168,8 @@ def test_relative_local_paths_name_the_callers_files(ray_session, tiny_preset_fi
     assert (job.data, job.output, job.preset) == ((str(tmp_path / "shapes"),), str(tmp_path / "model"),
                                                   str(tmp_path / "tiny.yaml"))
     assert run_training(job)["step"] == 2
+    events = _events(str(tmp_path / "model" / "_train" / "clip" / "tensorboard"))  # a local output: in place
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     cfg, _ = load_stage(str(tmp_path / "model"), "clip")
     assert cfg.embed_dim == load_preset(str(tmp_path / "tiny.yaml")).clip.embed_dim
     assert TrainJob(stage="clip", data=("s3://b/x",), output="s3://b/m", config=CONFIG).output == "s3://b/m"
@@ -214,82 +215,147 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
 
 
 def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
-    """The image decoder makes independent frames (ρ = r = 0 whatever the preset says); decoder-video and ↑F
-    take the preset's ρ, its sampling ρ and r and its moving noise, and all are saved with their weights."""
+    """The image decoder makes independent frames whatever the preset says; decoder-video and ↑F take the
+    preset's frame noise, and both save it with their weights."""
     from stages.checkpoint import save_stage
     from stages.config import dump_yaml
-    from workflows.train import initial_network
 
-    diffusion = dataclasses.replace(tiny_config.decoder.diffusion, frame_noise_shared=0.4,
-                                    sample_frame_noise_shared=0.8, sample_frame_noise_progressive=0.95,
-                                    frame_noise_flow=True, sample_frame_noise_drift=(0.01, 0.03))
+    noise = FrameNoiseConfig(shared=0.4, sample_shared=0.8, sample_progressive=0.95)
     preset = dataclasses.replace(
         tiny_config,
-        decoder=dataclasses.replace(tiny_config.decoder, diffusion=diffusion),
-        interpolation=dataclasses.replace(tiny_config.interpolation,
-                                          diffusion=dataclasses.replace(diffusion, sample_frame_noise_drift=())),
+        decoder=dataclasses.replace(tiny_config.decoder, frame_noise=noise),
+        interpolation=dataclasses.replace(tiny_config.interpolation, frame_noise=dataclasses.replace(noise, shared=0.3)),
     )
     path = tmp_path / "preset.yaml"
     path.write_text(dump_yaml(preset))
-    image_cfg, image_net = initial_network(TrainJob(stage="decoder", data=("unused",), output="unused",
-                                                    config=CONFIG, preset=str(path)))
-    assert image_cfg.diffusion.frame_noise_shared == 0.0 and image_cfg.diffusion.sampling_shared == 0.0
-    assert image_cfg.diffusion.sampling_progressive == 0.0 and not image_cfg.diffusion.frame_noise_set
+    image_cfg, image_net = TrainJob(stage="decoder", data=("unused",), output="unused", config=CONFIG,
+                                    preset=str(path)).initial_network()
+    assert image_cfg.frame_noise == FrameNoiseConfig() and not image_cfg.unet.temporal
     save_stage(str(tmp_path / "bundle"), "decoder", image_cfg, image_net)
     for stage, produced in (("decoder-video", "decoder"), ("interpolation", "interpolation")):
-        cfg, net = initial_network(TrainJob(stage=stage, data=("unused",), output="unused", config=CONFIG,
-                                            preset=str(path), init=str(tmp_path / "bundle")))
+        job = TrainJob(stage=stage, data=("unused",), output="unused", config=CONFIG, preset=str(path),
+                       init=str(tmp_path / "bundle"))
+        cfg, net = job.initial_network()
         save_stage(str(tmp_path / "video"), produced, cfg, net)
-        saved = load_stage(str(tmp_path / "video"), produced)[0].diffusion
-        assert (saved.frame_noise_shared, saved.sampling_shared, saved.sampling_progressive) == (0.4, 0.8, 0.95), stage
-        drift = (0.01, 0.03) if stage == "decoder-video" else ()
-        assert (saved.frame_noise_flow, saved.sample_frame_noise_drift) == (True, drift), stage
+        assert load_stage(str(tmp_path / "video"), produced)[0].frame_noise == getattr(preset, produced).frame_noise
 
 
 def test_video_stages_give_temporal_layers_their_own_learning_rate(tiny_config):
     from stages.unet import VideoUNet
-    from workflows.train import _param_groups
+    from workflows.train.loop import param_groups
 
     unet = tiny_config.decoder.unet
     net = VideoUNet(dataclasses.replace(unet, temporal=True))
     job = TrainJob(stage="decoder-video", data=("unused",), output="unused", preset="unused",
                    config=dataclasses.replace(CONFIG, temporal_lr_scale=4.0))
-    spatial, temporal = _param_groups(net, job)
+    spatial, temporal = param_groups(net, job)
     names = {id(p): n for n, p in net.named_parameters()}
     assert {names[id(p)] for p in temporal["params"]} == set(temporal_parameter_names(net))
     assert len(spatial["params"]) + len(temporal["params"]) == len(list(net.parameters()))
     assert (spatial["lr_scale"], temporal["lr_scale"]) == (1.0, 4.0)
     # an image stage has no temporal layers: one group at the base rate
     image = TrainJob(stage="decoder", data=("unused",), output="unused", preset="unused", config=job.config)
-    assert [g["lr_scale"] for g in _param_groups(VideoUNet(dataclasses.replace(unet, temporal=False)), image)] == [1.0]
+    assert [g["lr_scale"] for g in param_groups(VideoUNet(dataclasses.replace(unet, temporal=False)), image)] == [1.0]
     with pytest.raises(ConfigError, match="temporal_lr_scale"):
         TrainConfig(temporal_lr_scale=0)
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         TrainConfig(min_snr_gamma=-1)
 
 
-def test_fps_reaches_the_temporal_layers_from_video_fine_tuning_on(tiny_config, tmp_path):
-    """With the preset's ``temporal_fps``, the image decoder is a plain 2D network; decoder-video inflates it
-    with fps-reading temporal layers that start as no-ops, and ↑F inherits them from D^t."""
-    from stages.checkpoint import save_stage
-    from stages.config import dump_yaml
-    from workflows.train import initial_network
+class _Shard:
+    """Ray Data's shard interface as the loop reads it: numpy batches of rows, some unusable."""
 
-    unet = dataclasses.replace(tiny_config.decoder.unet, temporal_fps=True)
-    preset = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, unet=unet))
-    path = tmp_path / "preset.yaml"
-    path.write_text(dump_yaml(preset))
-    job = dict(data=("unused",), output="unused", config=CONFIG, preset=str(path))
-    image_cfg, image_net = initial_network(TrainJob(stage="decoder", **job))
-    assert not image_cfg.unet.temporal and not image_cfg.unet.temporal_fps
-    save_stage(str(tmp_path / "image"), "decoder", image_cfg, image_net)
-    cfg, net = initial_network(TrainJob(stage="decoder-video", init=str(tmp_path / "image"), **job))
-    assert cfg.unet.temporal_fps and any(".temporal_fps." in n for n in temporal_parameter_names(net))
-    x = torch.randn(1, 3, 4, 8, 8)
-    kw = {"image_embeds": torch.randn(1, 32), "fps": torch.tensor([6.0])}
-    with torch.no_grad():
-        frames = torch.cat([image_net.eval()(x[:, :, i : i + 1], torch.tensor([500]), **kw) for i in range(4)], 2)
-        assert (net.eval()(x, torch.tensor([500]), **kw) - frames).abs().max() < 1e-5
-    save_stage(str(tmp_path / "video"), "decoder", cfg, net)
-    interp_cfg, _ = initial_network(TrainJob(stage="interpolation", init=str(tmp_path / "video"), **job))
-    assert interp_cfg.unet.temporal_fps
+    def __init__(self, ok: list[bool]) -> None:
+        self.ok = np.array(ok)
+        self.epochs = 0
+
+    def iter_batches(self, *, batch_size, batch_format, drop_last, local_shuffle_buffer_size, local_shuffle_seed):
+        self.epochs += 1
+        for start in range(0, len(self.ok) - batch_size + 1 if drop_last else len(self.ok), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self.ok)))
+            yield {"row": rows, "ok": self.ok[rows]}
+
+
+def test_workers_take_the_same_steps_per_epoch_whatever_their_unusable_items():
+    """Ray Data starts an epoch of a split data set when every worker asks for it: a worker that ran ahead
+    into the next epoch while another still trains would wait for it forever."""
+    from workflows.train.loop import epoch_batches
+
+    shards = [_Shard([True] * 10), _Shard([True, False, False, True, False, False, False, False, True, True])]
+    batches = [epoch_batches(shard, 4, seed=0) for shard in shards]
+    for step in range(5):
+        assert all(len(next(b)["row"]) == 4 for b in batches)
+        assert shards[0].epochs == shards[1].epochs == step // 2 + 1  # two full batches of 10 rows per epoch
+    with pytest.raises(RuntimeError, match="fewer than batch_size=4"):
+        next(epoch_batches(_Shard([True] * 3), 4, seed=0))
+
+
+def test_a_batch_with_no_usable_item_gives_an_exactly_zero_loss_through_the_network(tiny_config):
+    from stages.training import TRAINING_STAGES, LossContext
+    from workflows.train.loop import step_loss
+
+    calls = []
+
+    def network(x_t, t, **cond):
+        calls.append(x_t.shape)
+        return x_t * 2
+
+    spec = TRAINING_STAGES["sr-low-video"]
+    ctx = LossContext(stage_cfg=tiny_config.sr_low, train=CONFIG, generator=torch.Generator().manual_seed(0))
+    batch = {"video": np.zeros((2, 3, 6, 16, 16), np.uint8), "length": np.array([0, 0]), "fps": np.array([0.0, 0.0]),
+             "ok": np.array([False, False])}
+    loss = step_loss(network, batch, batch["ok"], spec, ctx, 0.5, torch.device("cpu"))
+    assert float(loss) == 0.0 and calls == [(2, 3, CONFIG.frames, 16, 16)]
+    batch["length"], batch["fps"], batch["ok"] = np.array([6, 6]), np.array([30.0, 30.0]), np.array([True, False])
+    assert float(step_loss(network, batch, batch["ok"], spec, ctx, 0.5, torch.device("cpu"))) > 0
+    assert calls[-1] == (1, 3, CONFIG.frames, 16, 16)  # the usable rows only
+
+
+def test_log_reductions_hand_collectives_only_tensors_on_the_training_device(monkeypatch):
+    """NCCL, the process group of GPU workers, has no CPU tensors: every tensor the loop all-reduces must live
+    on the device the worker trains on (here the meta device stands in for a GPU), as float32 or int64."""
+    import torch.distributed as dist
+
+    from workflows.train.loop import reduce_window
+
+    handed = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **kw: handed.append((tensor.device, tensor.dtype)))
+    device = torch.device("meta")
+    loss, counts = reduce_window(torch.zeros((), device=device), (3, 12, 1), device, world=2)
+    assert handed == [(device, torch.float32), (device, torch.int64)]
+    assert (loss.device, counts.device) == (device, device)
+    handed.clear()
+    loss, counts = reduce_window(torch.tensor(6.0), (3, 12, 1), torch.device("cpu"), world=1)  # one worker: no collective
+    assert not handed and float(loss) == 6.0 and counts.tolist() == [3, 12, 1]
+
+
+def _events(log_dir: str):
+    """TensorBoard's reading of the event files in ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return events
+
+
+def test_metrics_go_to_tensorboard_beside_the_csv_of_a_remote_output(trained, tmp_path):
+    """An s3:// output gets its TensorBoard events under OUTPUT/_train/STAGE/tensorboard, as its metrics.csv."""
+    out, _ = trained
+    fs, path = fsspec.core.url_to_fs(f"{out}/_train/decoder/tensorboard")
+    fs.get(path, str(tmp_path / "tb"), recursive=True)
+    rows = read_metrics(out, "decoder")
+    events = _events(str(tmp_path / "tb"))
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/samples_per_s", "train/skipped_items"}
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [int(r["step"]) for r in rows]
+    assert np.allclose([e.value for e in logged], [r["loss"] for r in rows], rtol=1e-5)
+
+
+def test_temporal_only_and_worker_counts_are_checked_before_training(tmp_path):
+    from workflows.cli import main
+
+    job = TrainJob(stage="decoder", data=(str(tmp_path),), output=str(tmp_path / "m"),
+                   config=dataclasses.replace(CONFIG, temporal_only=True))
+    with pytest.raises(ConfigError, match="temporal_only applies to decoder-video, sr-low-video, not decoder"):
+        run_training(job)
+    assert main(["train", "decoder", "--data", str(tmp_path), "--output", str(tmp_path / "m"), "--workers", "0"]) == 2

@@ -1,4 +1,4 @@
-"""Training data through Ray Data, from any fsspec URL: text–image pairs and unlabeled videos.
+"""Training data through Ray Data, from any fsspec URL: text–image pairs (or images) and unlabeled videos.
 
 Text–image pairs: Parquet files with ``image`` (encoded bytes) and ``caption`` columns, or
 WebDataset-style tar shards (``KEY.png``/``KEY.jpg`` + ``KEY.txt``). Videos: MP4 files, decoded with
@@ -53,7 +53,7 @@ def list_files(urls: list[str], exts: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _arrow_fs(url: str):
+def arrow_fs(url: str):
     """(pyarrow filesystem, path) for a URL, through fsspec so credentials and endpoints are the same."""
     import pyarrow.fs as pafs
 
@@ -151,11 +151,11 @@ def image_dataset(urls: list[str], size: int):
     tars = [f for f in files if f.endswith(".tar")]
     parts = []
     if parquet:
-        fs, _ = _arrow_fs(parquet[0])
+        fs, _ = arrow_fs(parquet[0])
         paths = [fsspec.core.url_to_fs(f)[1] for f in parquet]
         parts.append(ray.data.read_parquet(paths, filesystem=fs, columns=["image", "caption"]))
     if tars:
-        fs, _ = _arrow_fs(tars[0])
+        fs, _ = arrow_fs(tars[0])
         paths = [fsspec.core.url_to_fs(f)[1] for f in tars]
         parts.append(ray.data.read_binary_files(paths, filesystem=fs).flat_map(_untar))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
@@ -175,7 +175,7 @@ def video_dataset(urls: list[str], size: int, max_frames: int):
     import ray.data
 
     files = list_files(urls, VIDEO_EXTS)
-    fs, _ = _arrow_fs(files[0])
+    fs, _ = arrow_fs(files[0])
     paths = [fsspec.core.url_to_fs(f)[1] for f in files]
     return ray.data.read_binary_files(paths, filesystem=fs).map(
         _decode_video_row, fn_kwargs={"size": size, "max_frames": max_frames}

@@ -1,0 +1,179 @@
+"""A training job: what to train, from what, into which bundle; checked, then run on Ray Train.
+
+    job = TrainJob(stage="decoder", data=("s3://b/shapes",), output="s3://b/model", config=TrainConfig())
+    run_training(job)              # on the connected Ray cluster (workflows.ray_cluster.init_ray)
+
+Ray Train's run state (checkpoints with the optimizer and EMA, for ``resume`` and worker failures) lives
+under ``OUTPUT/_train/STAGE`` (:func:`run_dir`), beside the loss log (``workflows.train.metrics``, :func:`read_metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import fsspec
+
+from stages.checkpoint import CheckpointError, load_stage, load_stage_config
+from stages.config import ConfigError, from_dict
+from stages.fsio import absolute, is_local, join, read_yaml_mapping
+from stages.training import TRAINING_STAGES, TrainConfig, TrainingStage, start_network, training_stage
+from workflows.presets import DEFAULT_PRESET, load_preset
+from workflows.train.data import arrow_fs, image_dataset, video_dataset
+from workflows.train.loop import train_loop
+from workflows.train.metrics import CSV_NAME, read_rows
+
+TRAIN_DIR = "_train"
+MAX_VIDEO_FRAMES = 256  # frames of a training video decoded (clips are sampled from them)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    stage: str                      # a training stage (stages.training.TRAINING_STAGES)
+    data: tuple[str, ...]           # data roots, directories, files or globs (local or fsspec URLs)
+    output: str                     # the checkpoint bundle the stage is written into
+    config: TrainConfig
+    preset: str = DEFAULT_PRESET    # preset name or YAML path: the network sizes
+    init: str | None = None         # bundle holding the stage this one starts from
+    clip: str | None = None         # bundle holding the CLIP stage (default: output)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        # Ray Train's workers run in a directory of their own: a relative local path would name another
+        # file there (a preset not found, a checkpoint written where nobody looks), so each is made absolute.
+        object.__setattr__(self, "data", tuple(absolute(url) for url in self.data))
+        for name in ("output", "init", "clip"):
+            if getattr(self, name):
+                object.__setattr__(self, name, absolute(getattr(self, name)))
+        if self.preset.endswith((".yaml", ".yml")):
+            object.__setattr__(self, "preset", absolute(self.preset))
+
+    @property
+    def spec(self) -> TrainingStage:
+        return training_stage(self.stage)
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.output, TRAIN_DIR, self.stage)
+
+    def initial_network(self):
+        """(stage config, network) a fresh run starts from: built from the preset, or from ``init``."""
+        spec = self.spec
+        init = load_stage(self.init, spec.init) if spec.init and self.init else None
+        return start_network(spec, load_preset(self.preset), init)
+
+
+def read_metrics(output: str, stage: str) -> list[dict]:
+    """The loss log of ``stage``'s training run in the bundle ``output``, as rows of floats."""
+    return [{k: float(v) for k, v in row.items()} for row in read_rows(join(output, TRAIN_DIR, stage, CSV_NAME))]
+
+
+def load_train_config(path: str | None) -> TrainConfig:
+    """A TrainConfig YAML (its fields, unknown keys rejected by name); None: the defaults."""
+    if not path:
+        return TrainConfig()
+    return from_dict(TrainConfig, read_yaml_mapping(path, ConfigError), path)
+
+
+def cpus_needed(workers: int, cpus_per_worker: float) -> float:
+    """Logical CPUs a local Ray instance needs for the workers plus Ray Data's readers beside them."""
+    return workers * cpus_per_worker + 2
+
+
+def has_run(job: TrainJob) -> bool:
+    """Whether ``job``'s run directory holds a checkpoint to resume from."""
+    fs, path = fsspec.core.url_to_fs(job.run_dir)
+    try:
+        return any(os.path.basename(p.rstrip("/")).startswith("checkpoint_") for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def _require_stage(url: str, stage: str, message: str) -> None:
+    try:
+        load_stage_config(url, stage)
+    except CheckpointError as e:
+        raise ConfigError(f"{message} ({e})") from None
+
+
+def check_job(job: TrainJob, *, resume: bool) -> None:
+    """Raise ConfigError for a job that cannot start: unknown stage, temporal_only where it does not apply,
+    missing CLIP or --init stage, a run that exists without ``resume`` or ``resume`` without one."""
+    spec = job.spec
+    if job.config.temporal_only and not spec.temporal_only_allowed:
+        allowed = ", ".join(name for name, s in TRAINING_STAGES.items() if s.temporal_only_allowed)
+        raise ConfigError(f"temporal_only applies to {allowed}, not {job.stage}")
+    if spec.needs_clip:
+        _require_stage(job.clip or job.output, "clip", f"{job.stage} needs a trained CLIP: train the clip stage "
+                       f"into --output first or pass --clip BUNDLE")
+    if spec.init is not None:
+        if not job.init:
+            raise ConfigError(f"{job.stage} starts from a trained {spec.init} stage: pass --init BUNDLE")
+        _require_stage(job.init, spec.init, f"--init {job.init} has no usable {spec.init} stage")
+    if has_run(job) and not resume:
+        raise ConfigError(f"{job.run_dir} already holds a {job.stage} training run: pass --resume to continue it, "
+                          f"or choose another --output")
+    if resume and not has_run(job):
+        raise ConfigError(f"nothing to resume: no {job.stage} training run under {job.run_dir}")
+
+
+def _dataset(job: TrainJob):
+    spec = job.spec
+    size = spec.data_size(load_preset(job.preset))
+    if spec.video:
+        ds = video_dataset(list(job.data), size, max_frames=MAX_VIDEO_FRAMES)
+    else:
+        ds = image_dataset(list(job.data), size)
+    return ds.materialize() if job.config.cache_data else ds
+
+
+def _storage(job: TrainJob):
+    """(storage_path, storage_filesystem) for Ray Train, through fsspec (same credentials/endpoints)."""
+    url = join(job.output, TRAIN_DIR)
+    if is_local(url):
+        path = fsspec.core.url_to_fs(url)[1]
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    fs, path = arrow_fs(url)
+    return path, fs
+
+
+def run_training(job: TrainJob, *, resume: bool = False) -> dict:
+    """Train ``job.stage`` on the connected Ray cluster; returns the final metrics.
+
+    Raises ConfigError / CheckpointError / DataError for unusable arguments before training starts.
+    """
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_job(job, resume=resume)
+    DataContext.get_current().enable_progress_bars = False
+    ds = _dataset(job)
+    storage_path, storage_fs = _storage(job)
+    use_gpu = job.gpus_per_worker > 0
+    resources = {"CPU": job.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = job.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": ds},
+        run_config=RunConfig(
+            name=job.stage,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
