@@ -26,6 +26,7 @@ import fsspec
 import numpy as np
 
 from stages.config import STAGE_NAMES
+from stages.errors import UserError
 from stages.fsio import join, write_bytes_atomic
 from workflows.engine import ROW_KEY, SECONDS_PREFIX, StageSpec, StreamingExecutor
 from workflows.inputs import InputRow, open_inputs, read_rows
@@ -56,7 +57,7 @@ def row_seed(base: int, rid: str) -> int:
 
 
 def to_request(row: InputRow, base_seed: int) -> Request:
-    """Validate one input row into a Request; ValueError names the bad field."""
+    """Validate one input row into a Request; UserError names the bad field."""
     f = row.fields
 
     def number(name, kind):
@@ -69,7 +70,7 @@ def to_request(row: InputRow, base_seed: int) -> Request:
             try:
                 value = kind(value)
             except ValueError:
-                raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+                raise UserError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
         return value
 
     seed = number("seed", int)
@@ -81,7 +82,7 @@ def to_request(row: InputRow, base_seed: int) -> Request:
         try:
             motion = [float(v) for v in motion.split()]
         except ValueError:
-            raise ValueError(f'motion: expected two numbers "dy dx", got {motion!r}') from None
+            raise UserError(f'motion: expected two numbers "dy dx", got {motion!r}') from None
     return Request(
         prompt=f["prompt"],
         negative_prompt=str(f.get("negative_prompt", "")),
@@ -263,7 +264,7 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
                 continue
             try:
                 req = to_request(row, job.seed)
-            except ValueError as e:
+            except UserError as e:
                 records[key] = {**base, "error": str(e)}
                 counts["rejected"] += 1
                 continue

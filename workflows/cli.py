@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     motion=None if args.motion is None else tuple(args.motion))
             for i, p in enumerate(prompts)
         ]
-    except ValueError as e:  # the message names the field; here it is the option of that name
+    except UserError as e:  # the message names the field; here it is the option of that name
         raise CliError(f"--{e}") from None
     checkpoint, preset = choose_model(args.checkpoint, args.preset)
 

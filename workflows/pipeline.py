@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from stages.config import FRAME_STAGES, STAGE_NAMES
+from stages.errors import UserError
 from workflows.presets import DEFAULT_PRESET
 from workflows.runners import RUNNER_OF, StageProgress, StageRunner
 
@@ -40,22 +41,22 @@ class Request:
 
 
 def validate_request(r: Request) -> None:
-    """Raise ValueError naming the field if a request is out of range."""
+    """Raise UserError (a ValueError) naming the field if a request is out of range."""
     if not isinstance(r.prompt, str) or not r.prompt.strip():
-        raise ValueError("prompt: must be a non-empty string")
+        raise UserError("prompt: must be a non-empty string")
     if not isinstance(r.negative_prompt, str):
-        raise ValueError("negative_prompt: must be a string")
+        raise UserError("negative_prompt: must be a string")
     if isinstance(r.seed, bool) or not isinstance(r.seed, (int, np.integer)) or not 0 <= r.seed <= MAX_SEED:
-        raise ValueError(f"seed: must be an integer in 0..{MAX_SEED}, got {r.seed!r}")
+        raise UserError(f"seed: must be an integer in 0..{MAX_SEED}, got {r.seed!r}")
     if isinstance(r.fps, bool) or not isinstance(r.fps, (int, np.integer)) or not 1 <= r.fps <= 30:
-        raise ValueError(f"fps: must be an integer in 1..30, got {r.fps!r}")
+        raise UserError(f"fps: must be an integer in 1..30, got {r.fps!r}")
     if r.steps is not None and (isinstance(r.steps, bool) or not isinstance(r.steps, (int, np.integer)) or not 1 <= r.steps <= 1000):
-        raise ValueError(f"steps: must be an integer in 1..1000, got {r.steps!r}")
+        raise UserError(f"steps: must be an integer in 1..1000, got {r.steps!r}")
     if r.guidance is not None and (
         isinstance(r.guidance, bool) or not isinstance(r.guidance, (int, float)) or not math.isfinite(r.guidance)
         or not 0 <= r.guidance <= 50
     ):
-        raise ValueError(f"guidance: must be a number in 0..50, got {r.guidance!r}")
+        raise UserError(f"guidance: must be a number in 0..50, got {r.guidance!r}")
     if r.motion is not None:
         check_motion(r.motion)
 
@@ -64,13 +65,13 @@ MAX_MOTION = 0.5  # frame sizes per keyframe: faster than this, neighbouring key
 
 
 def check_motion(motion) -> tuple[float, float]:
-    """Motion guidance as the user gave it -> (dy, dx) in frame sizes per keyframe; ValueError naming
+    """Motion guidance as the user gave it -> (dy, dx) in frame sizes per keyframe; UserError naming
     ``motion`` if it is not two finite numbers in [-MAX_MOTION, MAX_MOTION]."""
     ok = isinstance(motion, (list, tuple, np.ndarray)) and len(motion) == 2 and all(
         not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
         and abs(v) <= MAX_MOTION for v in motion)
     if not ok:
-        raise ValueError(f"motion: must be two numbers [dy, dx] in -{MAX_MOTION}..{MAX_MOTION} (frame sizes per "
+        raise UserError(f"motion: must be two numbers [dy, dx] in -{MAX_MOTION}..{MAX_MOTION} (frame sizes per "
                          f"keyframe), got {motion!r}")
     return float(motion[0]), float(motion[1])
 

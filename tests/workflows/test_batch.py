@@ -248,7 +248,7 @@ def test_motion_column_in_every_format(ray_session, tmp_path, shared_noise_prese
     got = {r["id"]: r for r in _manifest(job.output)}
     assert {k: r["status"] for k, r in got.items() if r["status"] != "ok"} == {
         "fast": "failed", "one": "failed", "text": "failed", "csv-bad": "failed"}
-    assert result.ok == 6
+    assert result.ok == 7
     for rid in ("fast", "one", "text", "csv-bad"):
         assert got[rid]["error"].startswith("motion: "), got[rid]["error"]
     assert got["moving"]["motion"] == pytest.approx([0.1, -0.25]) and got["still"]["motion"] is None
@@ -257,7 +257,7 @@ def test_motion_column_in_every_format(ray_session, tmp_path, shared_noise_prese
     videos = {rid: open(got[rid]["output"], "rb").read() for rid in ("still", "moving", "null")}
     assert videos["still"] == videos["null"] != videos["moving"]  # same seed: only the motion differs
     again = run_job(job, pools)
-    assert (again.ok, again.skipped) == (6, 6)
+    assert (again.ok, again.skipped) == (7, 7)
 
 
 def test_rows_in_a_log_with_totals_rate_and_eta(ray_session, tmp_path, tiny_preset_file, pools):

@@ -11,6 +11,7 @@ import yaml
 
 from stages import cascade
 from stages.config import STAGE_NAMES
+from stages.errors import UserError
 from stages.fsio import read_yaml_mapping
 from workflows.pipeline import MAX_MOTION, MAX_SEED, Pipeline, Request, check_motion, to_batch
 from workflows.runners import RUNNER_OF, SuperResolutionRunner
@@ -99,7 +100,7 @@ def test_motion_guidance_moves_only_the_rows_that_ask(tmp_path, tiny_preset_file
     ],
 )
 def test_bad_requests_name_the_field(fields, message):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         Request(**{"prompt": "a red ball", **fields})
     assert str(e.value).startswith(message)
 
