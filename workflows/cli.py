@@ -19,10 +19,15 @@ import warnings
 from stages.errors import UserError
 from stages.fsio import is_local, join, write_bytes_atomic
 from workflows import serve, shapes, train
+from workflows.batch import JobSpec, run_job
 from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError
-from workflows.outputs import safe_name
-from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED
-from workflows.presets import DEFAULT_MODEL
+from workflows.outputs import check_writable, safe_name
+from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED, Pipeline, Request
+from workflows.pools import load_pools
+from workflows.presets import DEFAULT_MODEL, choose_model
+from workflows.progress import RowBars, StageBars
+from workflows.ray_cluster import init_ray
+from workflows.video import encode_mp4
 
 
 def _quiet_libraries() -> None:
@@ -42,12 +47,6 @@ def _outputs(out: str, prompts: list[str]) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from workflows.outputs import check_writable
-    from workflows.pipeline import Pipeline, Request
-    from workflows.presets import choose_model
-    from workflows.progress import StageBars
-    from workflows.video import encode_mp4
-
     prompts = list(args.prompts)
     for i, p in enumerate(prompts, 1):
         if not p.strip():
@@ -77,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decoder = next(r for r in pipe.runners if r.stage == "decoder")
     if args.motion is not None and not decoder.cfg.frame_noise.sampling_shared:
         raise CliError("--motion: motion guidance moves the noise's common part, and this model's decoder D^t "
-                       "shares no noise between frames (its frame_noise.shared is 0)")
+                       "shares no noise between frames when sampling (its frame_noise.sample_shared, or else "
+                       "shared, is 0)")
     print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
     videos = []
     for i in range(0, len(requests), args.batch_size):
@@ -96,13 +96,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from workflows.batch import JobSpec, run_job
-    from workflows.outputs import check_writable
-    from workflows.pools import load_pools
-    from workflows.presets import choose_model
-    from workflows.progress import RowBars
-    from workflows.ray_cluster import init_ray
-
     pools = load_pools(args.pools)
     checkpoint, preset = choose_model(args.checkpoint, args.preset)
     try:
