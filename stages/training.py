@@ -250,6 +250,8 @@ def _frame_noise(stage_cfg) -> FrameNoiseConfig:
     return getattr(stage_cfg, "frame_noise", None) or FrameNoiseConfig()
 
 
+# Each stage's loss as the table calls it: (network, samples, context) -> the loss above with its arguments.
+
 def _clip_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
     visual = _unwrap(model).model.visual.image_size
     tokens, _ = _unwrap(model).tokenize(list(x.captions))
@@ -326,8 +328,6 @@ TRAINING_STAGES: dict[str, TrainingStage] = {s.name: s for s in (
     TrainingStage(name="sr-high", produces="sr_high", data=IMAGES, data_size=lambda p: p.sr_high.out_size,
                   loss=_sr_step),
 )}
-# training stage -> (cascade stage it produces, cascade stage it starts from or None), as the recipe reads it
-STAGE_OF = {name: (s.produces, s.init) for name, s in TRAINING_STAGES.items()}
 
 
 def training_stage(name: str) -> TrainingStage:
@@ -353,8 +353,8 @@ def start_network(stage: TrainingStage, preset: CascadeConfig,
     the (config, network) of its trained ``stage.init`` stage, inflated and widened as the table says; the
     video stages take the preset's ``frame_noise``."""
     target = getattr(preset, stage.produces)
-    if stage.init is None:
-        cfg = target if stage.video else image_config(target)
+    if stage.init is None:  # an image stage
+        cfg = image_config(target)
         return cfg, cascade.build_stage(stage.produces, cfg)
     if init is None:
         raise ConfigError(f"{stage.name} starts from a trained {stage.init} stage: pass --init BUNDLE")

@@ -21,7 +21,7 @@ import tempfile
 
 import fsspec
 
-from stages.fsio import is_local, join, read_bytes, write_bytes_atomic
+from stages.fsio import is_local, join, write_bytes_atomic
 
 CSV_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -67,8 +67,11 @@ class MetricsLog:
 
 
 def read_rows(url: str) -> list[dict]:
-    """The rows of a metrics CSV, as strings."""
-    return list(csv.DictReader(io.StringIO(read_bytes(url).decode())))
+    """The rows of a metrics CSV, as strings: read afresh, since the log is rewritten at every log step (an
+    object store client's cached listing would name the version it saw before)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    return list(csv.DictReader(io.StringIO(fs.cat_file(path).decode())))
 
 
 def _earlier_rows(url: str) -> list[dict]:
