@@ -48,7 +48,7 @@ def run(args) -> int:
     job = TrainJob(stage=args.stage, data=tuple(args.data), output=args.output, config=cfg, preset=args.preset,
                    init=args.init, clip=args.clip, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    cpus_per_worker=args.cpus_per_worker)
-    init_ray(args.address, cpus_needed(args.workers, args.cpus_per_worker))
+    init_ray(args.address, cpus_needed(args.workers, args.cpus_per_worker), log_to_driver=True)  # rank 0's log lines
     start = time.perf_counter()
     metrics = run_training(job, resume=args.resume)
     print(f"[{args.stage}] done: {int(metrics.get('step', 0))} steps in {time.perf_counter() - start:.0f}s, "
