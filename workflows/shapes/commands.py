@@ -12,6 +12,7 @@ import sys
 
 from stages.checkpoint import load_bundle_config, load_stage_config
 from stages.config import FRAME_STAGES
+from stages.errors import UserError
 from stages.fsio import join
 from workflows.errors import EXIT_USAGE, CliError
 from workflows.pipeline import DEFAULT_FPS, check_motion
@@ -20,6 +21,7 @@ from workflows.ray_cluster import init_ray
 from workflows.shapes import evaluate, recipe
 from workflows.shapes.data import synth
 from workflows.shapes.world import SPEED, check_speed, parse_holdout
+from workflows.train import cpus_needed
 
 
 def add_parsers(sub) -> None:
@@ -90,14 +92,11 @@ def cmd_recipe(args) -> int:
                                        ("cpus_per_worker", args.cpus_per_worker)) if v is not None}
         rc = dataclasses.replace(rc, **overrides)
         load_preset(rc.preset)
-    except ValueError as e:  # a stages.errors.UserError, or a bad value argparse let through
+    except UserError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    # The workers, and two CPUs beside them for Ray Train's controller and the driver's tasks.
-    init_ray(args.address, rc.workers * rc.cpus_per_worker + 2, log_to_driver=True)
+    init_ray(args.address, cpus_needed(rc.workers, rc.cpus_per_worker), log_to_driver=True)
     try:
         state = recipe.run_recipe(rc, args.output, data=args.data)
-    except ValueError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
     except KeyboardInterrupt:
         print(f"mav: interrupted; rerun the same command to continue (state: {join(args.output, recipe.STATE_FILE)})",
               file=sys.stderr)
@@ -117,14 +116,14 @@ def cmd_eval(args) -> int:
                    else evaluate.default_holdout(args.checkpoint))
         speed = check_speed(args.speed) if args.speed is not None else evaluate.default_speed(args.checkpoint)
         if args.judge_videos < 1:
-            raise ValueError(f"--judge-videos must be >= 1, got {args.judge_videos}")
+            raise UserError(f"--judge-videos must be >= 1, got {args.judge_videos}")
         motion = None if args.motion is None else check_motion(args.motion)
         spec = evaluate.EvalSpec(checkpoint=args.checkpoint, prompts=tuple(args.prompts), out=args.out,
                                  baseline=baseline, holdout=holdout, seed=args.seed, steps=args.steps, fps=args.fps,
                                  motion=motion, batch_size=args.batch_size, judge_videos=args.judge_videos,
                                  until=args.until, speed=speed)
         evaluate.read_requests(spec)
-    except ValueError as e:
+    except UserError as e:
         raise CliError(str(e)) from None
     if baseline is None and not args.no_baseline:
         print("mav: no image-only baseline (no CHECKPOINT/_image; pass --baseline URL to compare)", file=sys.stderr)
@@ -147,7 +146,7 @@ def cmd_synth(args) -> int:
         written = synth(args.out, images=args.images, videos=args.videos, size=args.size, frames=args.frames,
                         fmt=args.format, seed=args.seed, holdout=parse_holdout(args.holdout), speed=args.speed,
                         progress=progress)
-    except ValueError as e:
+    except UserError as e:
         raise CliError(str(e)) from None
     print(f"wrote {written['images']} images and {written['videos']} videos under {args.out}", file=sys.stderr)
     return 0

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from stages.checkpoint import CheckpointError, load_stage_config
 from stages.config import STAGE_NAMES
+from stages.errors import UserError
 from stages.fsio import join, write_bytes_atomic
 from workflows.pipeline import DEFAULT_FPS
 from workflows.shapes.judge import judge_accuracy, judge_frames, summarise, video_metrics
@@ -102,7 +103,7 @@ def read_requests(spec: EvalSpec) -> list:
     requests = []
     for row in read_rows(open_inputs(list(spec.prompts))):
         if row.error:
-            raise ValueError(f"{row.source}: {row.error}")
+            raise UserError(f"{row.source}: {row.error}")
         fields = {"fps": spec.fps, **({"steps": spec.steps} if spec.steps else {}), **row.fields}
         req = to_request(dataclasses.replace(row, fields=fields), spec.seed)
         if req.motion is None and spec.motion is not None:
@@ -110,7 +111,7 @@ def read_requests(spec: EvalSpec) -> list:
         prompt_target(req.prompt)
         requests.append(req)
     if not requests:
-        raise ValueError(f"no prompts in {', '.join(spec.prompts)}")
+        raise UserError(f"no prompts in {', '.join(spec.prompts)}")
     return requests
 
 

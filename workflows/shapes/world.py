@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.errors import UserError
+
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -30,7 +32,7 @@ def prompt_target(prompt: str) -> tuple[str, str]:
     colours = sorted({w for w in words if w in COLOURS})
     shapes = sorted({w for w in words if w in SHAPES})
     if len(colours) != 1 or len(shapes) != 1:
-        raise ValueError(f"prompt {prompt!r} must name one colour ({', '.join(COLOURS)}) and one shape "
+        raise UserError(f"prompt {prompt!r} must name one colour ({', '.join(COLOURS)}) and one shape "
                          f"({', '.join(SHAPES)})")
     return colours[0], shapes[0]
 
@@ -95,7 +97,7 @@ def parse_combo(text: str) -> tuple[str, str]:
     and a known shape."""
     words = text.split()
     if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
-        raise ValueError(f"held-out combination {text!r}: expected 'COLOUR SHAPE' with COLOUR one of "
+        raise UserError(f"held-out combination {text!r}: expected 'COLOUR SHAPE' with COLOUR one of "
                          f"{', '.join(COLOURS)} and SHAPE one of {', '.join(SHAPES)}")
     return words[0], words[1]
 
@@ -110,7 +112,7 @@ def check_speed(speed) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in speed)
     except (TypeError, ValueError):
-        raise ValueError(f"speed must be two numbers, frame widths per second (low, high), got {speed!r}") from None
+        raise UserError(f"speed must be two numbers, frame widths per second (low, high), got {speed!r}") from None
     if not 0 < low <= high:
-        raise ValueError(f"speed must satisfy 0 < low <= high, got {low:g}, {high:g}")
+        raise UserError(f"speed must satisfy 0 < low <= high, got {low:g}, {high:g}")
     return low, high

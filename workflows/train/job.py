@@ -10,61 +10,18 @@ under ``OUTPUT/_train/STAGE`` (:func:`run_dir`), beside the loss log (``workflow
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import fsspec
 
-from stages.checkpoint import CheckpointError, load_stage, load_stage_config
+from stages.checkpoint import CheckpointError, load_stage_config
 from stages.config import ConfigError, from_dict
-from stages.fsio import absolute, is_local, join, read_yaml_mapping
-from stages.training import TRAINING_STAGES, TrainConfig, TrainingStage, start_network, training_stage
-from workflows.presets import DEFAULT_PRESET, load_preset
+from stages.fsio import is_local, join, read_yaml_mapping
+from stages.training import TRAINING_STAGES, TrainConfig
+from workflows.presets import load_preset
 from workflows.train.data import arrow_fs, image_dataset, video_dataset
 from workflows.train.loop import train_loop
+from workflows.train.spec import MAX_VIDEO_FRAMES, TRAIN_DIR, TrainJob
 from workflows.train.metrics import CSV_NAME, read_rows
-
-TRAIN_DIR = "_train"
-MAX_VIDEO_FRAMES = 256  # frames of a training video decoded (clips are sampled from them)
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    stage: str                      # a training stage (stages.training.TRAINING_STAGES)
-    data: tuple[str, ...]           # data roots, directories, files or globs (local or fsspec URLs)
-    output: str                     # the checkpoint bundle the stage is written into
-    config: TrainConfig
-    preset: str = DEFAULT_PRESET    # preset name or YAML path: the network sizes
-    init: str | None = None         # bundle holding the stage this one starts from
-    clip: str | None = None         # bundle holding the CLIP stage (default: output)
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
-
-    def __post_init__(self) -> None:
-        # Ray Train's workers run in a directory of their own: a relative local path would name another
-        # file there (a preset not found, a checkpoint written where nobody looks), so each is made absolute.
-        object.__setattr__(self, "data", tuple(absolute(url) for url in self.data))
-        for name in ("output", "init", "clip"):
-            if getattr(self, name):
-                object.__setattr__(self, name, absolute(getattr(self, name)))
-        if self.preset.endswith((".yaml", ".yml")):
-            object.__setattr__(self, "preset", absolute(self.preset))
-
-    @property
-    def spec(self) -> TrainingStage:
-        return training_stage(self.stage)
-
-    @property
-    def run_dir(self) -> str:
-        return join(self.output, TRAIN_DIR, self.stage)
-
-    def initial_network(self):
-        """(stage config, network) a fresh run starts from: built from the preset, or from ``init``."""
-        spec = self.spec
-        init = load_stage(self.init, spec.init) if spec.init and self.init else None
-        return start_network(spec, load_preset(self.preset), init)
-
 
 def read_metrics(output: str, stage: str) -> list[dict]:
     """The loss log of ``stage``'s training run in the bundle ``output``, as rows of floats."""

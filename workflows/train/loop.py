@@ -28,7 +28,7 @@ from stages.temporal import temporal_parameter_names
 from workflows.train.metrics import MetricsLog
 
 if TYPE_CHECKING:
-    from workflows.train.job import TrainJob
+    from workflows.train.spec import TrainJob
 
 STATE_WEIGHTS = "train_state.safetensors"
 STATE_META = "train_state.json"
