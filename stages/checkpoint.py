@@ -17,7 +17,7 @@ from torch import nn
 from stages.cascade import build_stage
 from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
 from stages.errors import UserError
-from stages.fsio import absolute, join, read_bytes, write_bytes_atomic  # noqa: F401  (absolute: re-exported)
+from stages.fsio import join, read_bytes, write_bytes_atomic
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from stages.errors import UserError
-from stages.fsio import yaml_problem
+from stages.fsio import parse_yaml_mapping
 
 STAGE_NAMES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
 FRAME_STAGES = STAGE_NAMES[STAGE_NAMES.index("decoder"):]  # the cascade's stages whose output is frames
@@ -455,11 +455,8 @@ def dump_yaml(config: Any) -> str:
 
 
 def load_yaml(cls: type[T], text: str, where: str = "") -> T:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where or cls.__name__}: {yaml_problem(e)}") from None
-    return from_dict(cls, data if data is not None else {}, where)
+    """Config ``cls`` from YAML ``text``; ConfigError naming ``where`` (and the key) if it is not one."""
+    return from_dict(cls, parse_yaml_mapping(text, where or cls.__name__, ConfigError), where)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

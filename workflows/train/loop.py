@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from stages import training
-from stages.checkpoint import load_stage, read_bytes, save_stage, write_bytes_atomic
-from stages.fsio import join
+from stages.checkpoint import load_stage, save_stage
+from stages.fsio import join, read_bytes, write_bytes_atomic
 from stages.temporal import temporal_parameter_names
 from workflows.train.metrics import MetricsLog
 
