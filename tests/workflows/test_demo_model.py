@@ -16,10 +16,10 @@ from workflows.video import decode_mp4
 pytestmark = pytest.mark.timeout(600)
 
 # Regression check of the shipped bundle, not a property of the code: thresholds set from the figures measured
-# on cluster/models/shapes (`mav generate`, seed 0, its default sampling). Shipping another bundle means
-# measuring them again.
-SHIPPED_REACH = 0.2                   # the square moves: it gets this far (frame sizes) from where it starts...
-SHIPPED_LARGEST_STEP = JUMP_STEP / 2  # ...smoothly: no step between frames as large as this
+# on cluster/models/shapes (`mav generate`, seed 0, its default learned-only sampling: reach 0.139, largest step
+# 0.028). Shipping another bundle means measuring them again.
+SHIPPED_REACH = 0.1                   # the square moves: it gets this far (frame sizes) from where it starts...
+SHIPPED_LARGEST_STEP = JUMP_STEP / 4  # ...smoothly: no step between frames as large as this
 
 
 def test_commands_default_to_the_shipped_model_and_a_preset_means_fresh_weights(tmp_path):
