@@ -76,6 +76,8 @@ def test_every_input_format_from_s3(ray_session, s3_bucket, tiny_preset_file, po
 
 
 def test_bad_rows_fail_alone_and_the_job_goes_on(ray_session, tmp_path, tiny_preset_file, pools):
+    """Rows that fail on their own are recorded with the reason; the others go through every stage, counted
+    per stage in the progress log (totals, rate, ETA)."""
     src = tmp_path / "p.jsonl"
     long_prompt = " ".join(["word"] * 120)
     src.write_bytes(
@@ -87,7 +89,9 @@ def test_bad_rows_fail_alone_and_the_job_goes_on(ray_session, tmp_path, tiny_pre
         + b'{"prompt": "steps", "steps": "many", "id": "badsteps"}\n'
     )
     out = tmp_path / "out"
-    result = run_job(JobSpec(prompts=(str(src),), output=str(out), preset=tiny_preset_file), pools)
+    log = io.StringIO()
+    result = run_job(JobSpec(prompts=(str(src),), output=str(out), preset=tiny_preset_file), pools,
+                     progress=RowBars(log, every=3600))
     manifest = _manifest(str(out))
     assert [(r["status"], "duplicate id" in r["error"]) for r in manifest if r["id"] == "ok1"] == [("ok", False), ("failed", True)]
     rows = {r["id"]: r for r in manifest}
@@ -98,6 +102,11 @@ def test_bad_rows_fail_alone_and_the_job_goes_on(ray_session, tmp_path, tiny_pre
     assert "UTF-8" in rows["p-000005"]["error"]  # an undecodable line keeps its line-number id
     assert len(manifest) == 6 and result.failed == 4 and result.ok == 2
     assert len(_videos(str(out))) == 2
+    last = log.getvalue().splitlines()[-7:]  # with a long period: the first update and the final one
+    assert [line.split()[0] for line in last] == ["clip", "prior", "decoder", "interpolation", "sr_low", "sr_high",
+                                                   "writer"]
+    assert all(re.search(r" 2/2 rows \[\d\d:\d\d<00:00, +[\d.]+\w*(rows?/s|s/row)\], busy \d/\d, queued 0$", line)
+               for line in last), last
 
 
 @pytest.mark.parametrize(
@@ -187,7 +196,7 @@ def test_resume_generates_only_what_is_missing(ray_session, tmp_path, tiny_prese
 def test_interrupt_then_resume_produces_every_video_exactly_once(tmp_path, tiny_preset_file):
     """Ctrl-C a real `mav batch` mid-job, rerun the same command: every row once, none lost."""
     src = tmp_path / "p.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"prompt {i}", "steps": 12}) + "\n" for i in range(24)))
+    src.write_text("".join(json.dumps({"prompt": f"prompt {i}", "steps": 6}) + "\n" for i in range(24)))
     (tmp_path / "pools.yaml").write_text(POOLS)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "workflows.cli", "batch", "--prompts", str(src), "--output", str(out),
@@ -258,17 +267,3 @@ def test_motion_column_in_every_format(ray_session, tmp_path, shared_noise_prese
     assert videos["still"] == videos["null"] != videos["moving"]  # same seed: only the motion differs
     again = run_job(job, pools)
     assert (again.ok, again.skipped) == (7, 7)
-
-
-def test_rows_in_a_log_with_totals_rate_and_eta(ray_session, tmp_path, tiny_preset_file, pools):
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(3))
-                                      + '{"prompt": "bad", "fps": 0}\n')
-    log = io.StringIO()
-    run_job(JobSpec(prompts=(str(tmp_path / "p.jsonl"),), output=str(tmp_path / "out"), preset=tiny_preset_file),
-            pools, progress=RowBars(log, every=3600))
-    lines = log.getvalue().splitlines()  # with a long period: the first update and the final one
-    last = lines[-7:]
-    assert [line.split()[0] for line in last] == ["clip", "prior", "decoder", "interpolation", "sr_low", "sr_high",
-                                                   "writer"]
-    assert all(re.search(r" 3/3 rows \[\d\d:\d\d<00:00, +[\d.]+\w*(rows?/s|s/row)\], busy \d/\d, queued 0$", line)
-               for line in last), last
