@@ -18,6 +18,7 @@ from stages.clip import ClipModel
 from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHighConfig, SRLowConfig
 from stages.diffusion import Progress, add_noise, sample
 from stages.noise import frame_noise, randn, stage_generators
+from stages.latte import LatteVideo
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
 
@@ -33,6 +34,9 @@ def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = Non
             return ClipModel(cfg)
         if name == "prior":
             return PriorNet(cfg, embed_dim=cfg.embed_dim, num_tokens=cfg.num_tokens)
+        if name in ("decoder", "interpolation") and cfg.backbone == "latte":
+            return LatteVideo(cfg.latte, size=getattr(cfg, "size", 32), cond_channels=4 if name == "interpolation" else 0,
+                              image_embed_dim=cfg.image_embed_dim, context_tokens=cfg.context_tokens, fps_cond=True)
         if name in ("decoder", "interpolation"):
             return VideoUNet(
                 cfg.unet,

@@ -22,7 +22,12 @@ from stages.fsio import parse_yaml_mapping
 STAGE_NAMES = ("clip", "prior", "decoder", "interpolation", "sr_low", "sr_high")
 FRAME_STAGES = STAGE_NAMES[STAGE_NAMES.index("decoder"):]  # the cascade's stages whose output is frames
 
-SAMPLERS = ("ddim", "dpm++")
+SAMPLERS = ("ddim", "dpm++", "unclip")  # unclip: diffusers' UnCLIPScheduler (ancestral, Karlo's step spacing)
+VARIANCES = ("fixed", "learned_range")
+CLIP_KINDS = ("open_clip", "transformers")
+EMBEDDING_SPACES = ("unit", "clip")
+CONDITIONINGS_Y = ("image", "unclip")
+LOW_RES_CONDITIONS = ("noised", "unclip")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
@@ -35,14 +40,22 @@ class DiffusionConfig:
     train_timesteps: int = 1000         # T of the forward process q(x_t | x_0)
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name
     prediction_type: str = "epsilon"    # what the network predicts: epsilon, sample (x_0) or v_prediction
-    sampler: str = "ddim"               # ddim or dpm++ (both deterministic given the initial noise)
+    sampler: str = "ddim"               # ddim or dpm++ (both deterministic given the initial noise), or unclip (ancestral)
     steps: int = 25                     # sampling steps
     guidance: float = 1.0               # classifier-free guidance scale w; 1 disables the unconditional pass
     clip_sample: bool = True            # clamp predicted x_0 to [-1, 1] (pixel stages)
     cond_drop_prob: float = 0.1         # training: probability of dropping the condition (for guidance)
+    variance: str = "fixed"             # fixed, or learned_range: the network also outputs v, its variance
+                                        # exp(v' log β_t + (1 − v') log β̃_t), v' = (v + 1) / 2 (Nichol & Dhariwal, 2021)
+    clip_sample_range: float = 1.0      # the range predicted x_0 is clamped to when clip_sample is set
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("variance", self.variance, VARIANCES)
+        if self.sampler == "unclip" and (self.beta_schedule != "squaredcos_cap_v2" or self.prediction_type == "v_prediction"):
+            raise ConfigError("sampler unclip needs beta_schedule squaredcos_cap_v2 and prediction_type epsilon or sample")
+        if self.clip_sample_range <= 0:
+            raise ConfigError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_positive("steps", self.steps)
         _check_positive("train_timesteps", self.train_timesteps)
@@ -135,6 +148,8 @@ class FrameNoiseConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ClipConfig:
+    kind: str = "open_clip"         # open_clip, or transformers: an imported CLIPTextModelWithProjection (+ CLIPTokenizer,
+                                    # optional CLIPVisionModelWithProjection) whose sizes are in its own JSON files
     arch: str = "custom"            # an open_clip architecture name (e.g. ViT-B-32), or custom for the sizes below
     embed_dim: int = 64             # joint embedding size d of x_e and y_e
     context_length: int = 77        # BPE tokens per prompt, start and end tokens included
@@ -146,6 +161,9 @@ class ClipConfig:
     vision_layers: int = 2
     vision_patch_size: int = 8
     vision_head_width: int = 32
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, CLIP_KINDS)
 
     def open_clip_config(self) -> dict[str, Any]:
         """Keyword arguments for ``open_clip.CLIP``."""
@@ -178,10 +196,14 @@ class ClipConfig:
 
     @property
     def resolved_embed_dim(self) -> int:
+        if self.kind == "transformers":
+            return self.embed_dim
         return int(self.open_clip_config()["embed_dim"])
 
     @property
     def resolved_context_length(self) -> int:
+        if self.kind == "transformers":
+            return self.context_length
         return int(self.open_clip_config()["text_cfg"].get("context_length", 77))
 
 
@@ -195,6 +217,11 @@ class PriorConfig:
     diffusion: DiffusionConfig = field(
         default_factory=lambda: DiffusionConfig(prediction_type="sample", clip_sample=False, guidance=4.0, steps=10)
     )
+    embedding_space: str = "unit"   # unit: x_e in and y_e out at unit norm × √d; clip: raw CLIP embeddings, y_e = x σ + μ
+                                    # with the transformer's clip_std, clip_mean (unCLIP)
+
+    def __post_init__(self) -> None:
+        _check_choice("embedding_space", self.embedding_space, EMBEDDING_SPACES)
 
     @staticmethod
     def migrate(data: dict, where: str) -> dict:
@@ -225,6 +252,66 @@ class UNetConfig:
                 raise ConfigError(f"block_out_channels entry {c} is not divisible by norm_num_groups={self.norm_num_groups}")
 
 
+LATTE_VARIANTS = (1, 2, 3, 4)   # Latte's space–time splits (Sec. 3.2), stages.latte
+PATCH_EMBEDDINGS = ("patch", "tubelet")
+CONDITIONINGS = ("adaln", "tokens")
+TEMPORAL_POSITIONS = ("sincos", "rope")
+BACKBONES = ("unet", "latte")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatteConfig:
+    """A Latte video diffusion transformer (Ma et al., 2024), ``stages.latte.LatteVideo``."""
+
+    variant: int = 1                  # 1 spatial and temporal blocks interleaved, 2 all spatial then all temporal,
+                                      # 3 spatial then temporal attention in one block, 4 heads split: half space, half time
+    width: int = 64                   # token width D
+    depth: int = 2                    # spatial blocks; variants 1 and 2 add as many temporal blocks (Latte's layers: 2·depth)
+    heads: int = 4                    # attention heads of every block (variant 4: half over space, half over time)
+    mlp_ratio: float = 4.0            # MLP hidden width / D
+    patch_size: int = 2               # pixels per patch side
+    patch_embedding: str = "patch"    # patch: per-frame 2D patches; tubelet: patches spanning `tubelet` frames
+    tubelet: int = 2                  # frames per tubelet patch (patch_embedding: tubelet)
+    conditioning: str = "adaln"       # adaln: timestep + y_e + fps modulate every block, gates at zero (adaLN-Zero);
+                                      # tokens: that vector as an extra token of every sequence
+    temporal_position: str = "sincos"  # sincos: absolute, any frame count; rope: rotary (relative), in temporal attention
+    temporal: bool = True             # temporal parts built; false: the image model, each frame (tubelet) apart
+
+    def __post_init__(self) -> None:
+        if self.variant not in LATTE_VARIANTS:
+            raise ConfigError(f"variant must be one of 1, 2, 3, 4; got {self.variant!r}")
+        _check_choice("patch_embedding", self.patch_embedding, PATCH_EMBEDDINGS)
+        _check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        _check_choice("temporal_position", self.temporal_position, TEMPORAL_POSITIONS)
+        for name in ("width", "depth", "heads", "patch_size", "tubelet"):
+            _check_positive(name, getattr(self, name))
+        if self.width % self.heads:
+            raise ConfigError(f"heads={self.heads} must divide width={self.width}")
+        if (self.width // self.heads) % 2:
+            raise ConfigError(f"width / heads = {self.width // self.heads} must be even (sin-cos and rotary positions)")
+        if self.variant == 4 and self.heads % 2:
+            raise ConfigError(f"variant 4 splits the heads in half between space and time: heads={self.heads} must be even")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+    @property
+    def frames_per_token(self) -> int:
+        return self.tubelet if self.patch_embedding == "tubelet" else 1
+
+
+def _check_latte(cfg, size: int | None, frames: int | None, where: str = "") -> None:
+    """A stage whose backbone is Latte: its size and frame count must cut into whole patches and tubelets."""
+    _check_choice("backbone", cfg.backbone, BACKBONES)
+    if cfg.backbone != "latte":
+        return
+    where = f"{where}: " if where else ""
+    if size is not None and size % cfg.latte.patch_size:
+        raise ConfigError(f"{where}latte.patch_size={cfg.latte.patch_size} must divide the size {size}")
+    k = cfg.latte.frames_per_token
+    if frames is not None and frames % k:
+        raise ConfigError(f"{where}latte.tubelet={k} must divide the frame count {frames}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     frames: int = 16                # frames generated before interpolation
@@ -234,6 +321,14 @@ class DecoderConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=3.0, steps=25))
     frame_noise: FrameNoiseConfig = field(default_factory=FrameNoiseConfig)
+    backbone: str = "unet"          # the network: unet (VideoUNet) or latte (LatteVideo, sized by `latte`)
+    latte: LatteConfig = field(default_factory=LatteConfig)
+    conditioning: str = "image"     # image: y_e alone; unclip: y_e, x_e and the text tokens through UnCLIPTextProjModel
+                                    # (stages.unclip), y_e's unconditional value learned
+
+    def __post_init__(self) -> None:
+        _check_latte(self, self.size, self.frames)
+        _check_choice("conditioning", self.conditioning, CONDITIONINGS_Y)
 
     @staticmethod
     def migrate(data: dict, where: str) -> dict:
@@ -249,9 +344,14 @@ class InterpolationConfig:
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(guidance=1.0, steps=10))
     frame_noise: FrameNoiseConfig = field(default_factory=FrameNoiseConfig)
     keep_given_frames: bool = True  # output the given frames as they came in; false: ↑F's own rendering of them
+    backbone: str = "unet"          # the network: unet (VideoUNet) or latte (LatteVideo, sized by `latte`)
+    latte: LatteConfig = field(default_factory=LatteConfig)
+    conditioning: str = "image"     # as DecoderConfig.conditioning
 
     def __post_init__(self) -> None:
         _check_positive("skip", self.skip)
+        _check_choice("conditioning", self.conditioning, CONDITIONINGS_Y)
+        _check_latte(self, None, None)
 
     @staticmethod
     def migrate(data: dict, where: str) -> dict:
@@ -265,8 +365,12 @@ class SuperResConfig:
     noise_level: int = 100          # forward-process timestep the upsampled condition is noised to when sampling
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(cross_attention_dim=None))
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=10))
+    low_res: str = "noised"         # the condition: noised (bilinear, noised to noise_level, the level given) or
+                                    # unclip (bicubic with antialiasing, clean, as unCLIP's upsamplers take it)
+    final_network: bool = False     # a second U-Net for the last sampling step (unCLIP's super_res_last)
 
     def __post_init__(self) -> None:
+        _check_choice("low_res", self.low_res, LOW_RES_CONDITIONS)
         if self.out_size <= self.in_size:
             raise ConfigError(f"out_size={self.out_size} must exceed in_size={self.in_size}")
         if self.unet.cross_attention_dim is not None:
@@ -350,8 +454,11 @@ def check_chain(configs: dict[str, Any]) -> None:
         raise ConfigError(f"prior.num_tokens={configs['prior'].num_tokens} must equal the CLIP context length {n}")
     for name in ("decoder", "interpolation"):
         cad = configs[name].unet.cross_attention_dim
-        if cad is None:
+        if configs[name].backbone == "unet" and cad is None:
             raise ConfigError(f"{name}.unet.cross_attention_dim must be set (y_e enters as context tokens)")
+    decoder = configs["decoder"]
+    _check_latte(configs["interpolation"], decoder.size, (decoder.frames - 1) * configs["interpolation"].skip + 1,
+                 "interpolation")
     if configs["sr_low"].in_size != configs["decoder"].size:
         raise ConfigError(
             f"sr_low.in_size={configs['sr_low'].in_size} must equal decoder.size={configs['decoder'].size}"

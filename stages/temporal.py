@@ -153,11 +153,12 @@ def inflate(unet: nn.Module, *, kernel: int = 3, heads: int = 4) -> FrameContext
     return context
 
 
-TEMPORAL_KEYS = (".temporal_conv.", ".temporal_attn.")  # what inflate adds, by name
+# What inflate adds, by name (and a Latte's temporal parts, stages.latte).
+TEMPORAL_KEYS = (".temporal_conv.", ".temporal_attn.", ".temporal_blocks.", ".temporal_gate")
 
 
 def _is_temporal(name: str) -> bool:
-    return any(key in name for key in TEMPORAL_KEYS)
+    return any(key in f".{name}" for key in TEMPORAL_KEYS)
 
 
 def temporal_parameter_names(module: nn.Module) -> list[str]:

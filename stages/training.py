@@ -29,6 +29,7 @@ from torch import nn
 
 from stages import cascade
 from stages.config import CascadeConfig, ConfigError, DiffusionConfig, FrameNoiseConfig
+from stages import latte
 from stages.diffusion import training_loss, training_scheduler
 from stages.noise import training_noise
 from stages.temporal import inflate, temporal_parameter_names
@@ -342,6 +343,8 @@ def image_config(cfg):
     inflation and the frames' correlated noise come with video fine-tuning."""
     if hasattr(cfg, "unet"):
         cfg = replace(cfg, unet=replace(cfg.unet, temporal=False))
+    if hasattr(cfg, "latte"):
+        cfg = replace(cfg, latte=replace(cfg.latte, temporal=False))
     if hasattr(cfg, "frame_noise"):
         cfg = replace(cfg, frame_noise=FrameNoiseConfig())
     return cfg
@@ -359,14 +362,18 @@ def start_network(stage: TrainingStage, preset: CascadeConfig,
     if init is None:
         raise ConfigError(f"{stage.name} starts from a trained {stage.init} stage: pass --init BUNDLE")
     init_cfg, net = init
+    is_latte = isinstance(net, latte.LatteVideo)
     if stage.inflate and not net.cfg.temporal:
-        net = inflate_network(net, kernel=target.unet.temporal_kernel, heads=target.unet.temporal_heads)
+        net = latte.inflate(net) if is_latte else inflate_network(net, kernel=target.unet.temporal_kernel,
+                                                                  heads=target.unet.temporal_heads)
+    network = {"backbone": "latte", "latte": net.cfg} if is_latte else {"unet": net.cfg}
     if stage.widen:
-        # A new cascade stage: the preset's config, with the conditioning sizes of the network it starts from.
-        net = widen_input(net, stage.widen)
+        # A new cascade stage: the preset's config, with the conditioning sizes and backbone of the network it
+        # starts from.
+        net = (latte.widen_input if is_latte else widen_input)(net, stage.widen)
         return replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
-                       unet=net.cfg), net
-    return replace(init_cfg, unet=net.cfg, frame_noise=target.frame_noise), net
+                       **network), net
+    return replace(init_cfg, frame_noise=target.frame_noise, **network), net
 
 
 def inflate_network(net: VideoUNet, *, kernel: int = 3, heads: int = 4) -> VideoUNet:
@@ -461,8 +468,9 @@ def probe(stage: str, net: nn.Module) -> list[float]:
                       text_hidden=torch.randn(1, n, d, generator=g).to(dev),
                       text_mask=torch.ones(1, n, dtype=torch.bool, device=dev))
         else:
-            size = 8
-            x = torch.randn(1, 3, 2, size, size, generator=g).to(dev)
+            size = 8 * getattr(net.cfg, "patch_size", 1)  # whole patches for a Latte
+            f = 2 * getattr(net.cfg, "frames_per_token", 1)  # whole tubelets for a Latte
+            x = torch.randn(1, 3, f, size, size, generator=g).to(dev)
             kwargs = {}
             if net.image_proj is not None:
                 kwargs["image_embeds"] = torch.randn(1, net.image_proj[0].in_features, generator=g).to(dev)
@@ -471,7 +479,7 @@ def probe(stage: str, net: nn.Module) -> list[float]:
             if net.noise_level_embed is not None:
                 kwargs["noise_level"] = torch.tensor([50.0], device=dev)
             if net.cond_channels:
-                kwargs["cond_frames"] = torch.randn(1, net.cond_channels, 2, size, size, generator=g).to(dev)
+                kwargs["cond_frames"] = torch.randn(1, net.cond_channels, f, size, size, generator=g).to(dev)
             out = net(x, torch.tensor([500], device=dev), **kwargs)
     out = out.double()
     return [float(out.mean()), float(out.std()), float(out.abs().max()), float(out.flatten()[: 97].sum())]
