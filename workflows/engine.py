@@ -9,6 +9,13 @@ Bounded memory: the driver admits new rows only while fewer than ``max_rows_in_f
 the pipeline, so a million-row input never fills the object store. Each actor has at most
 ``queue_depth`` calls outstanding, enough that it never idles waiting for the driver.
 
+Balance: each stage's compute seconds per row are measured from its calls (the median of the last few), and
+every ``rebalance_seconds`` the pools are resized toward the allocation whose slowest stage is fastest, within
+each pool's min/max and the cluster's free resources (``workflows.balance.plan``): the bottleneck grows, an
+actor moves from a stage that stays fast enough without it, a stage far faster than the chain shrinks. An
+actor leaving its pool is drained first: it gets no new calls, and is killed once its last call has returned,
+so no row is lost or run twice.
+
 Faults: actors are created with ``max_restarts=-1`` and ``max_task_retries``; Ray replaces a dead
 actor process and re-runs its in-flight calls (their inputs are still referenced by the driver). A
 batch that raises is retried row by row inside the actor, so one bad row fails alone.
@@ -28,6 +35,7 @@ import numpy as np
 import ray
 
 from workflows import columns
+from workflows.balance import SecondsPerRow, StageLoad, plan
 from workflows.pools import PoolConfig
 
 ROW_KEY = "_row"
@@ -132,12 +140,17 @@ class StageStats:
 class _Pool:
     spec: StageSpec
     gpus: float
-    actors: list = field(default_factory=list)      # ready actor handles
+    actors: list = field(default_factory=list)      # ready actor handles; None where one was retired
     outstanding: list = field(default_factory=list)  # outstanding calls per ready actor
     pending: dict = field(default_factory=dict)      # ready-ref -> actor handle (starting)
+    retiring: set = field(default_factory=set)       # indices of actors draining before they are killed
     queue: deque = field(default_factory=deque)
     queued_rows: int = 0
-    last_scale: float = 0.0
+    speed: SecondsPerRow = field(default_factory=SecondsPerRow)
+
+    def live(self) -> list[int]:
+        """Indices of the ready actors that take calls."""
+        return [a for a, actor in enumerate(self.actors) if actor is not None and a not in self.retiring]
 
 
 @dataclass
@@ -157,6 +170,7 @@ class StreamingExecutor:
         max_rows_in_flight: int | None = None,
         max_task_retries: int = 3,
         use_gpus: bool | None = None,
+        rebalance_seconds: float = 2.0,
     ) -> None:
         if not specs:
             raise ValueError("a pipeline needs at least one stage")
@@ -173,9 +187,12 @@ class StreamingExecutor:
         self.calls: dict[ray.ObjectRef, _Call] = {}
         self.token = uuid.uuid4().hex[:8]
         self.started_actors = 0
+        self.retired_actors = 0
         self.started = time.perf_counter()
+        self.rebalance_seconds = rebalance_seconds
+        self.balanced_at = self.started
         for i, pool in enumerate(self.pools):
-            for _ in range(pool.spec.pool.min_actors):
+            for _ in range(pool.spec.pool.start_actors):
                 self._start_actor(i)
 
     # -- actors ---------------------------------------------------------------------------
@@ -201,7 +218,6 @@ class StreamingExecutor:
         options = self._actor_options(pool)
         actor = ray.remote(PoolActor).options(name=name, **options).remote(pool.spec.name, pool.spec.factory, threads)
         pool.pending[actor.ready.remote()] = actor
-        pool.last_scale = time.perf_counter()
 
     def _poll_pending(self, block: bool = False) -> None:
         for pool in self.pools:
@@ -219,19 +235,41 @@ class StreamingExecutor:
         """Block until every pool's initial actors have loaded their networks."""
         self._poll_pending(block=True)
 
-    def _maybe_scale(self, i: int) -> None:
-        pool = self.pools[i]
+    def _need(self, pool: _Pool) -> dict[str, float]:
         p = pool.spec.pool
-        total = len(pool.actors) + len(pool.pending)
-        if total >= p.max_actors or pool.pending or time.perf_counter() - pool.last_scale < 1.0:
+        return {"CPU": p.cpus, "GPU": pool.gpus, **p.resources}
+
+    def _rebalance(self) -> None:
+        """Resize the pools toward balanced stage throughputs, once every ``rebalance_seconds`` and only when
+        the last resize has settled (no actor starting or draining)."""
+        now = time.perf_counter()
+        if now - self.balanced_at < self.rebalance_seconds or any(p.pending or p.retiring for p in self.pools):
             return
-        saturated = all(n >= p.queue_depth for n in pool.outstanding)
-        if not saturated or pool.queued_rows < p.batch_size * max(1, len(pool.actors)):
+        self.balanced_at = now
+        loads = [StageLoad(name=p.spec.name, seconds_per_row=p.speed.value(), actors=len(p.live()),
+                           min_actors=p.spec.pool.min_actors, max_actors=p.spec.pool.max_actors, need=self._need(p))
+                 for p in self.pools]
+        if any(load.seconds_per_row is None for load in loads):
             return
-        avail = ray.available_resources()
-        need = {"CPU": p.cpus, "GPU": pool.gpus, **p.resources}
-        if all(avail.get(k, 0.0) >= v for k, v in need.items() if v > 0):
-            self._start_actor(i)
+        for i, (load, target) in enumerate(zip(loads, plan(loads, ray.available_resources()))):
+            for _ in range(load.actors - target):
+                self._retire(i)
+            for _ in range(target - load.actors):
+                self._start_actor(i)
+
+    def _retire(self, i: int) -> None:
+        """Drain the pool's least busy actor: no new calls; killed when its last call has returned."""
+        pool = self.pools[i]
+        a = min(pool.live(), key=lambda k: pool.outstanding[k])
+        pool.retiring.add(a)
+        self._reap(pool, a)
+
+    def _reap(self, pool: _Pool, a: int) -> None:
+        if a in pool.retiring and pool.outstanding[a] == 0:
+            ray.kill(pool.actors[a], no_restart=True)
+            pool.actors[a] = None
+            pool.retiring.discard(a)
+            self.retired_actors += 1
 
     # -- scheduling -----------------------------------------------------------------------
     def _upstream_drained(self, i: int, source_done: bool) -> bool:
@@ -246,7 +284,7 @@ class StreamingExecutor:
         pool = self.pools[i]
         b = pool.spec.pool.batch_size
         while pool.queued_rows and (pool.queued_rows >= b or self._upstream_drained(i, source_done)):
-            free = [a for a, n in enumerate(pool.outstanding) if n < pool.spec.pool.queue_depth]
+            free = [a for a in pool.live() if pool.outstanding[a] < pool.spec.pool.queue_depth]
             if not free:
                 return
             a = min(free, key=lambda k: pool.outstanding[k])
@@ -303,11 +341,12 @@ class StreamingExecutor:
                 buffer = []
             for i in reversed(range(len(self.pools))):
                 self._dispatch(i, source_done and not buffer)
-                self._maybe_scale(i)
+            if not source_done:
+                self._rebalance()
             if source_done and not buffer and not self.calls and not any(p.queued_rows for p in self.pools):
                 return
             if not self.calls:
-                if not any(p.actors for p in self.pools if p.queued_rows):
+                if not any(p.live() for p in self.pools if p.queued_rows):
                     self._poll_pending(block=True)
                 continue
             ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=0.1)
@@ -322,6 +361,7 @@ class StreamingExecutor:
         name = pool.spec.name
         if call.actor < len(pool.outstanding):
             pool.outstanding[call.actor] -= 1
+            self._reap(pool, call.actor)
         stats = self.stats[call.stage]
         last = call.stage == len(self.pools) - 1
         try:
@@ -333,6 +373,7 @@ class StreamingExecutor:
             return Completion(None, {k: (name, err) for k in call.keys})
         stats.calls += 1
         stats.busy_seconds += meta["seconds"]
+        pool.speed.add(meta["seconds"], meta["rows"])
         stats.rows_done += len(meta["ok"])
         stats.rows_failed += len(meta["failed"])
         failed = {k: (name, err) for k, err in meta["failed"].items()}
@@ -347,7 +388,7 @@ class StreamingExecutor:
 
     def snapshot(self) -> list[StageStats]:
         for pool, stats in zip(self.pools, self.stats):
-            stats.actors = len(pool.actors)
+            stats.actors = sum(1 for actor in pool.actors if actor is not None)
             stats.busy_actors = sum(1 for n in pool.outstanding if n > 0)
             stats.queued_rows = pool.queued_rows
         return self.stats
@@ -355,6 +396,7 @@ class StreamingExecutor:
     def shutdown(self) -> None:
         for pool in self.pools:
             for actor in [*pool.actors, *pool.pending.values()]:
-                ray.kill(actor, no_restart=True)
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
             pool.actors.clear()
             pool.pending.clear()

@@ -1,7 +1,7 @@
 """Per-stage actor pools for batch jobs, read from a YAML file (default ``cluster/pools.yaml``).
 
     decoder:
-      actors: {min: 1, max: 4}   # or a fixed count: actors: 2
+      actors: {min: 1, max: 4}   # or {min: 1, max: 4, initial: 2}, or a fixed count: actors: 2
       gpus: 1                    # per actor, fractional allowed
       cpus: 1                    # per actor; also the torch thread count inside it
       batch_size: 2
@@ -24,8 +24,9 @@ POOL_STAGES = (*STAGE_NAMES, "writer")
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
-    min_actors: int = 1             # actors started with the job
-    max_actors: int = 1             # the pool grows up to this many while the stage is the backlog
+    min_actors: int = 1             # the pool never shrinks below this many actors
+    max_actors: int = 1             # nor grows beyond this many (the engine balances stage throughputs between)
+    initial_actors: int | None = None  # actors started with the job (default: min_actors)
     gpus: float = 0.0               # GPUs per actor (fractional: several actors share a GPU)
     cpus: float = 1.0               # CPUs per actor
     batch_size: int = 1             # rows per call
@@ -35,12 +36,20 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.min_actors < 1 or self.max_actors < self.min_actors:
             raise ConfigError(f"actors: need 1 <= min <= max, got min={self.min_actors} max={self.max_actors}")
+        if self.initial_actors is not None and not self.min_actors <= self.initial_actors <= self.max_actors:
+            raise ConfigError(f"actors: need min <= initial <= max, got min={self.min_actors} "
+                              f"initial={self.initial_actors} max={self.max_actors}")
         if self.gpus < 0 or self.cpus < 0:
             raise ConfigError("gpus and cpus must be >= 0")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.queue_depth < 1:
             raise ConfigError(f"queue_depth must be >= 1, got {self.queue_depth}")
+
+    @property
+    def start_actors(self) -> int:
+        """Actors the pool starts with."""
+        return self.min_actors if self.initial_actors is None else self.initial_actors
 
 
 def default_pools_file() -> str:
@@ -59,11 +68,13 @@ def _pool(stage: str, data: object) -> PoolConfig:
     kwargs: dict = {}
     actors = data.get("actors", 1)
     if isinstance(actors, dict):
-        extra = sorted(set(actors) - {"min", "max"})
+        extra = sorted(set(actors) - {"min", "max", "initial"})
         if extra:
-            raise ConfigError(f"unknown key '{stage}.actors.{extra[0]}'; expected min, max")
+            raise ConfigError(f"unknown key '{stage}.actors.{extra[0]}'; expected min, max, initial")
         kwargs["min_actors"] = _int(f"{stage}.actors.min", actors.get("min", 1))
         kwargs["max_actors"] = _int(f"{stage}.actors.max", actors.get("max", kwargs["min_actors"]))
+        if "initial" in actors:
+            kwargs["initial_actors"] = _int(f"{stage}.actors.initial", actors["initial"])
     else:
         kwargs["min_actors"] = kwargs["max_actors"] = _int(f"{stage}.actors", actors)
     for key in ("gpus", "cpus"):

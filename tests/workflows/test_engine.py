@@ -154,3 +154,56 @@ def test_column_helpers_round_trip():
     assert [(idx.tolist(), int(v)) for idx, v in groups] == [([0, 2], 1), ([1], 2)]
     doubled = columns.scatter([(idx, columns.take(batch, idx)["v"] * 2) for idx, _ in groups], 3)
     assert np.array_equal(doubled, batch["v"] * 2)
+
+
+class SleepPerRow:
+    """Sleeps a fixed time per row and logs the rows it saw."""
+
+    def __init__(self, seconds, log):
+        self.seconds, self.log = seconds, log
+
+    def __call__(self, batch):
+        time.sleep(self.seconds * len(batch[ROW_KEY]))
+        with open(self.log, "a") as f:
+            f.writelines(f"{k}\n" for k in batch[ROW_KEY])
+        return batch
+
+
+def test_a_wrong_allocation_moves_an_actor_to_the_bottleneck(ray_session, tmp_path):
+    """Two stages share the session's 2 GPUs as four half-GPU slots, started the wrong way round (the fast stage
+    holds three): the engine drains fast actors and starts slow ones, and every row passes each stage once."""
+    import ray
+
+    assert ray.available_resources().get("GPU", 0) >= 2, "another test left actors holding the session's GPUs"
+    fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
+    specs = [
+        StageSpec("fast", lambda: SleepPerRow(0.005, fast),
+                  PoolConfig(min_actors=1, max_actors=3, initial_actors=3, gpus=0.5, cpus=0.25)),
+        StageSpec("slow", lambda: SleepPerRow(0.1, slow),
+                  PoolConfig(min_actors=1, max_actors=3, gpus=0.5, cpus=0.25)),
+    ]
+    executor = StreamingExecutor(specs, rebalance_seconds=0.2)
+    slow_pool = executor.pools[1]
+
+    def rows():  # until the slow stage has all three actors (actor start-up takes seconds on a busy machine)
+        i = 0
+        while i < 40 or (len(slow_pool.live()) < 3 and i < 400):
+            yield {ROW_KEY: i, "x": i}
+            i += 1
+
+    seen = {"fast": [], "slow": []}
+    done = []
+    for c in executor.run(rows()):
+        assert not c.failed
+        done += c.batch[ROW_KEY].tolist()
+        for s in executor.snapshot():
+            seen[s.name].append(s.actors)
+    retired, started = executor.retired_actors, executor.started_actors
+    executor.shutdown()
+    assert seen["fast"][0] == 3 and seen["fast"][-1] == 1
+    assert seen["slow"][0] == 1 and seen["slow"][-1] == 3
+    assert (retired, started) == (2, 6)    # two moves, no back and forth
+    n = len(done)
+    assert sorted(done) == list(range(n)) and n < 400
+    for log in (fast, slow):
+        assert sorted(int(k) for k in open(log).read().split()) == list(range(n))
