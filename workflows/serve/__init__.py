@@ -12,15 +12,20 @@ Deployments (their names are the keys of ``deployments:`` in ``cluster/serve.yam
   ``workflows/runners.py``, loaded once in ``__init__``. Each scales on its own (``num_replicas`` or
   ``autoscaling_config``, ``ray_actor_options``) and batches dynamically (``@serve.batch``; ``user_config``
   gives ``max_batch_size`` and ``batch_wait_timeout_s``): concurrent requests share one forward pass.
+- ``encoder``: joins SR_h's chunks and writes the MP4, on CPUs of its own.
 - ``jobs``: the job table (one replica), so any ingress replica answers for any job.
-- ``api``: the FastAPI ingress. It calls the stages in turn with ``await handle.run.remote(rows)``.
+- ``api``: the FastAPI ingress. It chains the calls: each stage's call takes the previous call's
+  ``DeploymentResponse``, so frames go from stage replica to stage replica, never through the ingress.
+  SR_h's frames are split into one chunk per running SR_h replica (each chunk with the video's own noise:
+  the same bytes as one replica makes), so one video's latency falls as SR_h scales. A call whose replica
+  is lost resumes at its stage; a job records the retry and ends done or failed, never left running.
 
 HTTP API (OpenAPI at ``/docs``): ``POST /v1/videos`` (the MP4, the same bytes ``mav generate`` writes for
 the same arguments and seed), ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` + ``GET /v1/jobs/{id}/video``,
 ``GET /healthz``, ``GET /readyz``, and the page at ``/``. Full queues answer 503 with ``Retry-After``.
 
 Modules: ``config`` (the app's args, the Serve config file, fitting it to the cluster), ``deployments``
-(the stage deployments), ``jobs`` (the job table), ``models`` (request and response models), ``middleware``
+(the stage deployments and the encoder), ``jobs`` (the job table), ``models`` (request and response models), ``middleware``
 (API key, body limit), ``api`` (the ingress and its routes), ``app`` (the application builder),
 ``command`` (``mav serve``).
 """

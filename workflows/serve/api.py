@@ -1,5 +1,12 @@
-"""The HTTP ingress: a FastAPI app deployed as ``api``, which validates a request, walks it through the six
-stage deployments (``await handle.run.remote(rows)``) and keeps jobs in the ``jobs`` deployment.
+"""The HTTP ingress: a FastAPI app deployed as ``api``, which validates a request, chains the stage
+deployments' calls and keeps jobs in the ``jobs`` deployment.
+
+A request's frames never pass through the ingress: each stage's call takes the previous call's
+``DeploymentResponse`` (Ray moves the rows from replica to replica), SR_h's call is split into one chunk
+of the frames per running SR_h replica, and the ``encoder`` deployment joins the chunks and answers with
+the MP4. When a call fails because its replica (or the node holding its output) was lost, the cascade
+resumes from that stage, up to :data:`MAX_RETRIES` times; a job records each retry and ends ``done`` or
+``failed`` with the reason, never left ``running``.
 
 Errors are JSON ``{"error": "..."}``: 422 naming the field, 413 (body limit), 401 (API key), 404 (unknown job
 or route), 409 (a job's video before it is done), 500 (a stage raised), 503 with ``Retry-After`` (a stage's
@@ -19,17 +26,22 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException
 
 from stages.config import STAGE_NAMES
 from workflows.pipeline import Request, to_batch
 from workflows.serve.config import AppArgs
+from workflows.serve.deployments import CHUNKED_STAGE, StageError, hop
 from workflows.serve.middleware import MAX_BODY_BYTES, ApiKeyMiddleware, BodyLimitMiddleware
 from workflows.serve.models import ErrorBody, JobCreated, JobStatus, VideoRequest
 
-STAGE_RETRY_S = 60.0                # how long a call waits for a replacement of a dead stage replica
+STEPS = (*STAGE_NAMES, "encoder")   # the calls of one request, in order
+MAX_RETRIES = 3                     # resumptions of one request after lost replicas
+RETRY_DELAY_S = 1.0                 # before the first resumption; grows with each
+REPLACEMENT_WAIT_S = 120.0          # how long a resumed call waits for a live replica of its stage
+REPLICAS_TTL_S = 5.0                # how long the count of running SR_h replicas is reused
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,11 +103,31 @@ class StageBusy(Exception):
 
 
 class StageUnavailable(Exception):
-    """A stage has had no live replica for ``STAGE_RETRY_S``."""
+    """A stage's replicas were lost more than ``MAX_RETRIES`` times in one request, or no replacement
+    came within ``REPLACEMENT_WAIT_S``."""
 
 
 class StageFailed(Exception):
     """A stage raised; the message names the stage."""
+
+
+def _lost(error: BaseException) -> bool:
+    """The call failed because a replica, its node or an object it held went away (worth resuming)."""
+    cause = getattr(error, "cause", None)
+    return any(isinstance(e, (RayActorError, ActorUnavailableError, ObjectLostError, RayServeException))
+               for e in (error, cause) if e is not None)
+
+
+def _describe(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _running_replicas(deployment: str) -> int:
+    app = serve.get_replica_context().app_name
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,47 +137,115 @@ class StageFailed(Exception):
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Api:
-    """The ingress: validates requests, walks them through the six stage deployments, keeps jobs in ``jobs``."""
+    """The ingress: validates requests, chains the stage deployments' calls, keeps jobs in ``jobs``."""
 
-    def __init__(self, stages: dict, store, args: AppArgs) -> None:
+    def __init__(self, stages: dict, encoder, store, args: AppArgs) -> None:
         self.stages = stages
+        self.encoder = encoder
         self.store = store
         self.args = args
         self.loaded: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.replicas, self.replicas_at = 1, float("-inf")
 
     # -- the cascade -------------------------------------------------------------------------------
 
-    async def _call(self, name: str, rows: dict, *, wait_when_busy: bool) -> dict:
-        deadline = time.monotonic() + STAGE_RETRY_S
-        while True:
+    async def _chunks(self) -> int:
+        """How many chunks SR_h's frames are split into: one per running SR_h replica."""
+        if time.monotonic() - self.replicas_at > REPLICAS_TTL_S:
             try:
-                return await self.stages[name].run.remote(rows)
-            except BackPressureError:
-                if not wait_when_busy:
-                    raise StageBusy(name) from None
-                await asyncio.sleep(1.0)
-            except RayActorError:  # the replica died; the controller starts another, the handle drops this one
-                if time.monotonic() > deadline:
-                    raise StageUnavailable(name) from None
-                await asyncio.sleep(0.5)
-            except Exception as e:  # the runner raised (a RayTaskError carrying its exception as .cause)
-                cause = getattr(e, "cause", None) or e
-                lines = [line for line in str(cause).splitlines() if line.strip()]
-                raise StageFailed(f"{name}: {type(cause).__name__}: {lines[0] if lines else ''}"[:500]) from None
+                self.replicas = max(1, await asyncio.to_thread(_running_replicas, CHUNKED_STAGE))
+            except Exception:  # the controller did not answer: keep the last count
+                pass
+            self.replicas_at = time.monotonic()
+        return self.replicas
 
-    async def _cascade(self, request: Request, on_stage=None, *, wait_when_busy: bool = False) -> tuple[dict, dict]:
-        rows = to_batch([request])
-        trace = {}
-        for name in STAGE_NAMES:
-            if on_stage is not None:
-                await on_stage(name, "running", None, None)
-            result = await self._call(name, rows, wait_when_busy=wait_when_busy)
-            rows = result["rows"]
-            trace[name] = (result["seconds"], result["batch_size"])
-            if on_stage is not None:
-                await on_stage(name, "done", result["seconds"], result["batch_size"])
-        return rows, trace
+    def _issue(self, calls: list[list], first: dict, start: int, chunks: int, redo: list[int] | None) -> None:
+        """Calls of the steps from ``start`` on, each taking the previous step's responses; at ``start``,
+        only the chunks ``redo`` (all when None)."""
+        for i in range(start, len(STEPS)):
+            name = STEPS[i]
+            if name == "encoder":
+                calls[i] = [self.encoder.encode.remote(*calls[i - 1])]
+                continue
+            arg = first if i == 0 else calls[i - 1][0]
+            parts = [(k, chunks) for k in range(chunks)] if name == CHUNKED_STAGE else [None]
+            old = calls[i]
+            calls[i] = [old[k] if i == start and redo is not None and k not in redo
+                        else self.stages[name].run.remote(arg, *([part] if part else []))
+                        for k, part in enumerate(parts)]
+
+    async def _first_failure(self, calls: list[list]) -> tuple[int, list[int], BaseException] | None:
+        """The first step with a failed call: (step, failed chunks, its error). Reads the results of the
+        steps before it (only after a failure)."""
+        for i, step in enumerate(calls):
+            results = await asyncio.gather(*step, return_exceptions=True)
+            failed = [k for k, r in enumerate(results) if isinstance(r, BaseException)]
+            if failed:
+                return i, failed, results[failed[0]]
+        return None
+
+    async def _watch(self, calls: list[list], start: int, on_stage) -> None:
+        """Report each stage of this attempt as running (its calls are on replicas) and done (their outputs
+        exist), without fetching the outputs."""
+        for i in range(start, len(STEPS) - 1):
+            refs = [await call._to_object_ref() for call in calls[i]]
+            await on_stage(STEPS[i], "running")
+            # What Serve itself awaits before passing a response on: the object exists, it is not fetched.
+            await asyncio.gather(*(ref._ready() for ref in refs))
+            await on_stage(STEPS[i], "done")
+
+    async def _await_replacement(self, calls: list[list], step: int) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c._to_object_ref() for c in calls[step])), REPLACEMENT_WAIT_S)
+        except asyncio.TimeoutError:
+            for c in calls[step]:
+                c.cancel()
+            raise StageUnavailable(f"{STEPS[step]} has no live replica: none came within {REPLACEMENT_WAIT_S:.0f} s") from None
+        except Exception:  # the call failed: the cascade's handler sees it
+            pass
+
+    async def _cascade(self, request: Request, on_stage=None, on_retry=None, *,
+                       wait_when_busy: bool = False) -> tuple[dict, list[str]]:
+        """The encoder's answer for ``request`` and the retries it took. ``on_stage(name, status)`` hears
+        each stage start and finish, ``on_retry(name, reason)`` each resumption."""
+        first = hop(to_batch([request]))
+        chunks = await self._chunks()
+        calls: list[list] = [[] for _ in STEPS]
+        start, redo, retries = 0, None, []
+        while True:
+            self._issue(calls, first, start, chunks, redo)
+            if retries:
+                await self._await_replacement(calls, start)
+            watcher = asyncio.ensure_future(self._watch(calls, start, on_stage)) if on_stage else None
+            try:
+                return await calls[-1][0], retries
+            except Exception:
+                found = await self._first_failure(calls)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            if found is None:  # every call answered when read again: the failure was passing a result on
+                found = (len(STEPS) - 1, [0], RayServeException("the encoder's input could not be passed"))
+            start, redo, error = found
+            name = STEPS[start]
+            cause = getattr(error, "cause", None) or error
+            if isinstance(cause, StageError):
+                raise StageFailed(str(cause))
+            if isinstance(error, BackPressureError):
+                if not wait_when_busy:
+                    raise StageBusy(name)
+                await asyncio.sleep(1.0)
+            elif _lost(error):
+                if len(retries) >= MAX_RETRIES:
+                    raise StageUnavailable(f"{name} has no live replica: lost {len(retries) + 1} times, "
+                                           f"last {_describe(error)}")
+                retries.append(f"{name}: {_describe(error)}")
+                if on_retry is not None:
+                    await on_retry(name, retries[-1])
+                await asyncio.sleep(RETRY_DELAY_S * len(retries))
+            else:
+                raise StageFailed(f"{name}: {_describe(error)}")
 
     def _request(self, body: VideoRequest) -> Request:
         seed = body.seed if body.seed is not None else random.SystemRandom().randrange(0, 2**31)
@@ -171,9 +271,9 @@ class Api:
 
     @api.get("/readyz", summary="readiness: every stage deployment loaded", responses={503: {"model": ErrorBody}})
     async def readyz(self) -> JSONResponse:
-        missing = [n for n in (*STAGE_NAMES, "jobs") if n not in self.loaded]
+        missing = [n for n in (*STEPS, "jobs") if n not in self.loaded]
         if missing:
-            handles = {**self.stages, "jobs": self.store}
+            handles = {**self.stages, "encoder": self.encoder, "jobs": self.store}
 
             async def probe(name):
                 try:
@@ -183,7 +283,7 @@ class Api:
                     pass
 
             await asyncio.gather(*(probe(n) for n in missing))
-        state = {n: n in self.loaded for n in (*STAGE_NAMES, "jobs")}
+        state = {n: n in self.loaded for n in (*STEPS, "jobs")}
         if all(state.values()):
             return JSONResponse({"ready": True, "deployments": state})
         return JSONResponse({"ready": False, "deployments": state,
@@ -194,26 +294,27 @@ class Api:
               responses={200: {"content": {"video/mp4": {}}, "description": "H.264 MP4; X-Seed gives the seed"},
                          **ERRORS})
     async def create_video(self, body: VideoRequest) -> Response:
-        from workflows.video import encode_mp4
-
         request = self._request(body)
         try:
-            rows, trace = await self._cascade(request)
+            result, retries = await self._cascade(request)
         except StageBusy as e:
             return self._busy(f"stage {e}")
         except StageUnavailable as e:
-            return _error(503, f"stage {e} has no live replica", {"Retry-After": str(self.args.retry_after_s)})
+            return _error(503, f"stage {e}", {"Retry-After": str(self.args.retry_after_s)})
         except StageFailed as e:
             return _error(500, f"generation failed in {e}")
-        data = await asyncio.to_thread(encode_mp4, rows["video"][0], float(rows["video_fps"][0]))
+        trace = result["trace"]
         headers = {
             "X-Seed": str(request.seed),
-            "X-Batch-Sizes": ",".join(f"{n}={b}" for n, (_, b) in trace.items()),
-            "X-Stage-Seconds": ",".join(f"{n}={s:.3f}" for n, (s, _) in trace.items()),
+            "X-Batch-Sizes": ",".join(f"{n}={trace[n][1]}" for n in STAGE_NAMES if n in trace),
+            "X-Stage-Seconds": ",".join(f"{n}={trace[n][0]:.3f}" for n in STAGE_NAMES if n in trace),
+            "X-Frame-Chunks": str(result["chunks"]),
         }
-        if bool(rows["truncated"][0]):
+        if retries:
+            headers["X-Retries"] = str(len(retries))
+        if result["truncated"][0]:
             headers["X-Prompt-Truncated"] = "1"
-        return Response(data, media_type="video/mp4", headers=headers)
+        return Response(result["mp4"][0], media_type="video/mp4", headers=headers)
 
     @api.post("/v1/jobs", summary="start generating a video; poll /v1/jobs/{id}", status_code=202,
               response_model=JobCreated, responses=ERRORS)
@@ -237,28 +338,29 @@ class Api:
 
     async def _run_job(self, job_id: str, request: Request) -> None:
         from stages.fsio import join, write_bytes_atomic
-        from workflows.video import encode_mp4
 
-        async def on_stage(name, status, seconds, batch_size):
-            await self.store.stage.remote(job_id, name, status, seconds, batch_size)
+        async def on_stage(name, status):
+            await self.store.stage.remote(job_id, name, status)
+
+        async def on_retry(name, reason):
+            await self.store.retry.remote(job_id, name, reason)
 
         try:
-            rows, _ = await self._cascade(request, on_stage, wait_when_busy=True)
-            fps = float(rows["video_fps"][0])
-            data = await asyncio.to_thread(encode_mp4, rows["video"][0], fps)
+            result, _ = await self._cascade(request, on_stage, on_retry, wait_when_busy=True)
+            data, fps, trace = result["mp4"][0], result["video_fps"][0], result["trace"]
             if self.args.output:
                 url = join(self.args.output, f"{job_id}.mp4")
                 await asyncio.to_thread(write_bytes_atomic, url, data)
-                await self.store.finish.remote(job_id, video_fps=fps, output=url)
+                await self.store.finish.remote(job_id, video_fps=fps, trace=trace, output=url)
             else:
-                await self.store.finish.remote(job_id, video_fps=fps, data=data)
+                await self.store.finish.remote(job_id, video_fps=fps, trace=trace, data=data)
         except asyncio.CancelledError:
             self.store.fail.remote(job_id, "the server stopped before the job finished")
             raise
         except StageFailed as e:
             await self.store.fail.remote(job_id, f"generation failed in {e}")
         except StageUnavailable as e:
-            await self.store.fail.remote(job_id, f"stage {e} has no live replica")
+            await self.store.fail.remote(job_id, f"stage {e}")
         except Exception as e:
             await self.store.fail.remote(job_id, f"{type(e).__name__}: {e}"[:500])
 

@@ -9,7 +9,7 @@ from stages.config import STAGE_NAMES, ConfigError
 from workflows.presets import choose_model
 from workflows.serve.api import Api
 from workflows.serve.config import APP_NAME, DEPLOYMENTS, AppArgs, parse_app_args
-from workflows.serve.deployments import Stage
+from workflows.serve.deployments import Encoder, Stage
 from workflows.serve.jobs import JobStore
 
 
@@ -25,8 +25,9 @@ def build_application(args: AppArgs, overrides: dict[str, dict] | None = None) -
 
     checkpoint, preset = choose_model(args.checkpoint, args.preset)
     stages = {name: Stage.options(**options(name)).bind(name, checkpoint, preset) for name in STAGE_NAMES}
+    encoder = Encoder.options(**options("encoder")).bind()
     store = JobStore.options(**options("jobs")).bind(args.max_active_jobs, args.keep_finished_jobs)
-    return Api.options(**options("api")).bind(stages, store, args)
+    return Api.options(**options("api")).bind(stages, encoder, store, args)
 
 
 def build_app(args: dict) -> serve.Application:

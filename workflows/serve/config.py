@@ -12,7 +12,8 @@ from stages.fsio import read_yaml_mapping
 
 APP_NAME = "mav"
 IMPORT_PATH = "workflows.serve:build_app"   # the application builder, as Serve config files name it
-DEPLOYMENTS = (*STAGE_NAMES, "jobs", "api")  # the names a config's ``deployments:`` may override
+DEPLOYMENTS = (*STAGE_NAMES, "encoder", "jobs", "api")  # the names a config's ``deployments:`` may override
+CPU_DEPLOYMENTS = (*STAGE_NAMES, "encoder")  # those whose replicas take one CPU unless configured
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +104,7 @@ def cpus_needed(overrides: dict[str, dict]) -> float:
     total = 0.0
     for name in DEPLOYMENTS:
         opts = overrides.get(name, {})
-        default = 1.0 if name in STAGE_NAMES else 0.0
+        default = 1.0 if name in CPU_DEPLOYMENTS else 0.0
         cpus = float((opts.get("ray_actor_options") or {}).get("num_cpus", default))
         auto = opts.get("autoscaling_config") or {}
         replicas = opts.get("num_replicas", 1)

@@ -1,6 +1,13 @@
-"""The stage deployments: one per stage runner of :data:`workflows.runners.RUNNER_OF`, behind dynamic batching.
+"""The stage deployments, one per stage runner of :data:`workflows.runners.RUNNER_OF`, behind dynamic batching,
+and the MP4 encoder.
 
-Each is loaded once in ``__init__`` and scales on its own (``num_replicas`` or ``autoscaling_config``,
+A request's frames travel from deployment to deployment: the ingress passes each call's
+``DeploymentResponse`` to the next stage's call, so Ray hands a stage's output to the next stage's replica
+and the ingress never holds frames. A stage's output is a :class:`Hop`-shaped dict: the rows so far and a
+trace of each stage's seconds and batch size. SR_h takes a chunk of the frames (``part = (k, n)``), so one
+video's frames spread over SR_h's replicas; :class:`Encoder` joins the chunks and writes the MP4.
+
+Each stage is loaded once in ``__init__`` and scales on its own (``num_replicas`` or ``autoscaling_config``,
 ``ray_actor_options``); its ``user_config`` is a :class:`BatchSettings`.
 """
 
@@ -21,6 +28,8 @@ from stages.config import ConfigError, from_dict
 from workflows import columns
 from workflows.runners import RUNNER_OF
 
+CHUNKED_STAGE = "sr_high"           # the stage whose frames fan out over its replicas
+
 
 @dataclass(frozen=True, kw_only=True)
 class BatchSettings:
@@ -36,18 +45,50 @@ class BatchSettings:
             raise ConfigError(f"batch_wait_timeout_s must be in 0..60, got {self.batch_wait_timeout_s}")
 
 
+class StageError(Exception):
+    """A stage (or the encoder) raised on a request's rows; the message names the stage."""
+
+
+def stage_error(stage: str, error: BaseException) -> StageError:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return StageError(f"{stage}: {type(error).__name__}: {lines[0] if lines else ''}"[:500])
+
+
+def hop(rows: dict[str, np.ndarray], trace: dict | None = None) -> dict:
+    """What travels between deployments: ``rows`` (a column batch) and ``trace`` (stage name ->
+    ``[seconds, batch_size]`` of the stages passed)."""
+    return {"rows": rows, "trace": dict(trace or {})}
+
+
+def frame_chunk(frames: int, part: tuple[int, int], frame_batch: int) -> slice:
+    """The frames of chunk ``k`` of ``n``: whole passes of ``frame_batch`` frames, spread evenly, so the
+    chunks together run the passes the whole video runs (each chunk's frames come out bit for bit as in
+    the whole video, which pads only its last pass). Chunks beyond the number of passes are empty."""
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"chunk {k} of {n}")
+    passes = -(-frames // frame_batch)
+    start, stop = k * passes // n, (k + 1) * passes // n
+    return slice(min(start * frame_batch, frames), min(stop * frame_batch, frames))
+
+
 def _rows(batch: dict[str, np.ndarray]) -> int:
     return len(batch["seed"])
 
 
+def _signature(batch: dict[str, np.ndarray]) -> tuple:
+    """Batches with the same signature concatenate (chunks of different lengths do not)."""
+    return tuple(sorted((k, v.shape[1:], str(v.dtype)) for k, v in batch.items()))
+
+
 @serve.deployment(max_ongoing_requests=8, max_queued_requests=32, ray_actor_options={"num_cpus": 1})
 class Stage:
-    """One stage runner behind dynamic batching: ``run(rows) -> {"rows", "batch_size", "seconds"}``.
+    """One stage runner behind dynamic batching: ``run(hop, part=None) -> hop`` with this stage's output.
 
-    ``rows`` is a batch of the runners' row columns (usually one row, as the ingress sends it). Requests
-    arriving together are concatenated into one batch (rows with different ``steps`` are fine: the runner
-    groups them), run in one call and split back; the runner's per-row seeds make each row's output
-    independent of its batch.
+    Requests arriving together are concatenated into one batch (rows with different ``steps`` are fine:
+    the runner groups them), run in one call and split back; the runner's per-row seeds make each row's
+    output independent of its batch. ``part = (k, n)`` (SR_h only) runs chunk k of n of the frames with
+    the video's own noise: the n chunks joined are the frames SR_h makes of the whole video, bit for bit.
     """
 
     def __init__(self, stage: str, checkpoint: str | None, preset: str) -> None:
@@ -80,34 +121,78 @@ class Stage:
                 "calls": sum(self.batch_sizes.values()), "busy_seconds": self.busy_seconds,
                 **dataclasses.asdict(self.settings)}
 
-    async def run(self, rows: dict[str, np.ndarray]) -> dict:
+    async def run(self, previous: dict, part: tuple[int, int] | None = None) -> dict:
+        rows = previous["rows"]
+        if part is not None:
+            if self.stage != CHUNKED_STAGE:
+                raise StageError(f"{self.stage}: only {CHUNKED_STAGE} takes a chunk of the frames")
+            video = rows["video"]
+            frames = frame_chunk(video.shape[2], part, self.runner.cfg.frame_batch)
+            rows = {**rows, "video": video[:, :, frames]}
+            if frames.start == frames.stop:  # more chunks than passes: nothing to do here
+                size = self.runner.cfg.out_size
+                out = {**rows, "video": np.zeros((*video.shape[:2], 0, size, size), np.uint8)}
+                return hop(out, previous["trace"])
         result = await self._batched(rows)
         if isinstance(result, BaseException):
-            raise result
-        return result
+            raise stage_error(self.stage, result)
+        out, seconds, batch_size = result
+        return hop(out, {**previous["trace"], self.stage: [seconds, batch_size]})
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[dict | BaseException]:
+    async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[tuple | BaseException]:
         start = time.perf_counter()
-        try:
-            outs = await asyncio.to_thread(self._run_together, items)
-        except Exception as e:  # one request's rows must not fail the others: run each alone
-            if len(items) == 1:
-                outs = [e]
-            else:
-                outs = []
-                for item in items:
+        outs: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(_signature(item), []).append(i)
+        for idx in groups.values():
+            try:
+                together = await asyncio.to_thread(self._run_together, [items[i] for i in idx])
+            except Exception:  # one request's rows must not fail the others: run each alone
+                together = []
+                for i in idx:
                     try:
-                        outs.append(await asyncio.to_thread(self.runner, item))
+                        together.append(await asyncio.to_thread(self.runner, items[i]))
                     except Exception as row_error:
-                        outs.append(row_error)
+                        together.append(row_error)
+            for i, out in zip(idx, together):
+                outs[i] = out
         seconds = time.perf_counter() - start
         self.busy_seconds += seconds
         n = sum(_rows(item) for item in items)
         self.batch_sizes[n] += 1
-        return [o if isinstance(o, BaseException) else {"rows": o, "batch_size": n, "seconds": seconds} for o in outs]
+        return [o if isinstance(o, BaseException) else (o, seconds, n) for o in outs]
 
     def _run_together(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         if len(items) == 1:
             return [self.runner(items[0])]
         return columns.split(self.runner(columns.concat(items)), [_rows(item) for item in items])
+
+
+@serve.deployment(max_ongoing_requests=4, max_queued_requests=64, ray_actor_options={"num_cpus": 1})
+class Encoder:
+    """The MP4 writer (:func:`workflows.video.encode_mp4`) on CPUs of its own: ``encode(*chunks)`` joins
+    SR_h's chunks along the frames and answers ``{"mp4": [bytes per row], "video_fps", "truncated",
+    "trace", "chunks"}``. One encode runs on one thread (the bytes then equal ``mav generate``'s); replicas
+    encode videos side by side."""
+
+    async def ready(self) -> dict:
+        return {"stage": "encoder", "pid": os.getpid()}
+
+    async def encode(self, *chunks: dict) -> dict:
+        from workflows.video import encode_mp4
+
+        try:
+            rows = chunks[0]["rows"]
+            video = np.concatenate([c["rows"]["video"] for c in chunks], axis=2)
+            fps = [float(f) for f in rows["video_fps"]]
+            mp4 = [await asyncio.to_thread(encode_mp4, v, f) for v, f in zip(video, fps)]
+        except Exception as e:
+            raise stage_error("encoder", e) from None
+        trace = dict(chunks[0]["trace"])
+        seconds = [c["trace"][CHUNKED_STAGE] for c in chunks if CHUNKED_STAGE in c["trace"]]
+        if seconds:  # the chunks ran side by side: the stage took as long as its slowest chunk
+            trace[CHUNKED_STAGE] = [max(s for s, _ in seconds), max(b for _, b in seconds)]
+        return {"mp4": mp4, "video_fps": fps, "truncated": [bool(t) for t in rows["truncated"]],
+                "trace": trace, "chunks": len(chunks)}

@@ -41,7 +41,7 @@ class JobStore:
         self.jobs[job_id] = {
             "id": job_id, "status": "queued", "request": params, "created": _now(), "updated": _now(),
             "stages": [{"name": s, "status": "pending", "seconds": None, "batch_size": None} for s in STAGE_NAMES],
-            "progress": 0.0, "error": None, "video_fps": None, "output": None,
+            "progress": 0.0, "error": None, "video_fps": None, "output": None, "retries": [],
         }
         self.active += 1
         return job_id
@@ -55,12 +55,33 @@ class JobStore:
         for entry in job["stages"]:
             if entry["name"] == name:
                 entry.update(status=status, seconds=seconds, batch_size=batch_size)
+        self._progress(job)
+
+    async def retry(self, job_id: str, name: str, reason: str) -> None:
+        """The job resumes at stage ``name`` (its replica was lost): that stage and the later ones are
+        pending again, and ``reason`` joins the job's ``retries``."""
+        job = self.jobs.get(job_id)
+        if job is None or job["status"] in ("done", "failed"):
+            return
+        job["retries"].append(reason)
+        names = [e["name"] for e in job["stages"]]
+        for entry in job["stages"][names.index(name) if name in names else len(names):]:
+            entry.update(status="pending", seconds=None, batch_size=None)
+        self._progress(job)
+
+    def _progress(self, job: dict) -> None:
         job["progress"] = sum(e["status"] == "done" for e in job["stages"]) / len(job["stages"])
         job["updated"] = _now()
 
-    async def finish(self, job_id: str, *, video_fps: float, data: bytes | None = None, output: str | None = None) -> None:
+    async def finish(self, job_id: str, *, video_fps: float, trace: dict | None = None, data: bytes | None = None,
+                     output: str | None = None) -> None:
+        """The job is done; ``trace`` maps a stage to ``[seconds, batch_size]``."""
         if self._close(job_id, "done"):
-            self.jobs[job_id].update(video_fps=video_fps, output=output, progress=1.0)
+            job = self.jobs[job_id]
+            job.update(video_fps=video_fps, output=output, progress=1.0)
+            for entry in job["stages"]:
+                seconds, batch_size = (trace or {}).get(entry["name"], (entry["seconds"], entry["batch_size"]))
+                entry.update(status="done", seconds=seconds, batch_size=batch_size)
             if data is not None:
                 self.videos[job_id] = data
 

@@ -59,6 +59,8 @@ class JobStatus(BaseModel):
     error: str | None = None
     video_fps: float | None = None
     output: str | None = Field(None, description="where the video was written, when the server has an output URL")
+    retries: list[str] = Field(default_factory=list, description="each time the job resumed at a stage whose "
+                               "replica was lost: the stage and what happened")
 
 
 class ErrorBody(BaseModel):

@@ -11,13 +11,18 @@ from stages.config import STAGE_NAMES, FrameNoiseConfig, dump_yaml
 from .helpers import App, free_port
 
 
+SR_HIGH_REPLICAS = 2  # SR_h's frames fan out over both: every served video is made of two chunks
+
+
 def tiny_overrides(key: str) -> dict:
     """Small, fast settings: stages share the test instance's CPUs, batches wait long enough to fill, dead
-    replicas are noticed within a second, and the ingress sees the API key."""
+    replicas are noticed within a second, SR_h runs two replicas, and the ingress sees the API key."""
     stage = {"ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0}, "health_check_period_s": 1,
              "max_ongoing_requests": 8, "max_queued_requests": 32,
              "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}}
     return {**{name: stage for name in STAGE_NAMES},
+            "sr_high": {**stage, "num_replicas": SR_HIGH_REPLICAS},
+            "encoder": {"ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 1},
             "api": {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {"MAV_API_KEY": key}}}}}
 
 

@@ -17,7 +17,7 @@ def test_health_readiness_docs_and_page(serve_app):
         assert c.get("healthz").json() == {"status": "ok"}
         ready = c.get("readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        assert set(ready.json()["deployments"]) == {*STAGE_NAMES, "jobs"}
+        assert set(ready.json()["deployments"]) == {*STAGE_NAMES, "encoder", "jobs"}
         assert "swagger" in c.get("docs").text.lower()
         openapi = c.get("openapi.json").json()
         assert {"/v1/videos", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/video", "/healthz", "/readyz"} <= set(openapi["paths"])
@@ -28,13 +28,17 @@ def test_health_readiness_docs_and_page(serve_app):
 
 
 def test_video_is_the_mp4_mav_generate_writes(client, serve_app, tmp_path, one_thread):
+    """SR_h's frames were split over its two replicas; the MP4 is still the bytes of the unsplit video."""
     from workflows.cli import main
     from workflows.video import decode_mp4
+
+    from .conftest import SR_HIGH_REPLICAS
 
     body = {"prompt": "a red ball bouncing", "seed": 3}
     first = client.post("v1/videos", json=body)
     assert first.status_code == 200, first.text
     assert first.headers["content-type"] == "video/mp4" and first.headers["x-seed"] == "3"
+    assert first.headers["x-frame-chunks"] == str(SR_HIGH_REPLICAS)
     second = client.post("v1/videos", json=body)
     assert second.content == first.content  # same seed, same bytes
 

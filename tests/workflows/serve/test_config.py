@@ -20,7 +20,7 @@ def test_serve_config_file_and_kuberay_manifest_agree():
         config = yaml.safe_load(f)
     ServeDeploySchema.model_validate(config)
     loaded = load_serve_config()
-    assert set(loaded.overrides) == {*STAGE_NAMES, "jobs", "api"}
+    assert set(loaded.overrides) == {*STAGE_NAMES, "encoder", "jobs", "api"}
     for stage in STAGE_NAMES:
         opts = loaded.overrides[stage]
         assert "num_replicas" in opts or "autoscaling_config" in opts, stage
@@ -79,8 +79,8 @@ def test_custom_resources_the_cluster_lacks_are_dropped():
     fitted, notices = fit_to_cluster(overrides, {"CPU": 4.0, "fast_disk": 2.0})
     assert fitted["decoder"]["ray_actor_options"]["resources"] == {"fast_disk": 1}
     assert notices == ["the cluster has no resource 'a100'; dropped from the requests of decoder"]
-    # 2 (decoder) + 3 replicas x 1 (sr_high) + 1 each for the four stages left at the code's default
-    assert cpus_needed(overrides) == 2 + 3 + 4
+    # 2 (decoder) + 3 replicas x 1 (sr_high) + 1 each for the four stages and the encoder left at the code's default
+    assert cpus_needed(overrides) == 2 + 3 + 4 + 1
 
 
 @pytest.mark.parametrize("text,message", [

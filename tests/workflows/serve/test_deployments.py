@@ -1,4 +1,5 @@
-"""The stage deployments: dynamic batching (with and without Serve), and a killed replica's replacement."""
+"""The stage deployments: dynamic batching (with and without Serve), SR_h's frames in chunks, and a job that
+loses a stage replica while it runs."""
 
 import asyncio
 import time
@@ -26,6 +27,29 @@ def test_stage_batches_are_split_back_row_by_row(tiny_preset_file):
     for one, back in zip(alone, together):
         assert set(back) == set(one) and list(back["seed"]) == list(one["seed"])
         assert np.abs(back["video"].astype(int) - one["video"].astype(int)).max() <= 1
+
+
+def test_sr_high_chunks_joined_are_the_whole_video_bit_for_bit(tiny_preset_file, one_thread):
+    """Each chunk of SR_h's frames is run with the video's own noise: joined, the chunks are the frames the
+    whole video gives, to the last bit, however many chunks (more chunks than passes: some are empty)."""
+    from workflows.pipeline import Request, to_batch
+    from workflows.runners import RUNNER_OF
+    from workflows.serve.deployments import frame_chunk
+
+    sr_high = RUNNER_OF["sr_high"](preset=tiny_preset_file, device="cpu")
+    rng = np.random.default_rng(0)
+    rows = {**to_batch([Request(prompt="x", seed=5), Request(prompt="y", seed=6)]),
+            "video": rng.integers(0, 256, (2, 3, 7, 16, 16), dtype=np.uint8)}
+    whole = sr_high(rows)["video"]
+    fb = sr_high.cfg.frame_batch
+    assert whole.shape[2] == 7 and fb < 7  # more than one pass
+    for n in (2, 3):
+        parts = [frame_chunk(7, (k, n), fb) for k in range(n)]
+        assert [p.start for p in parts][0] == 0 and all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(p.start % fb == 0 for p in parts) and parts[-1].stop == 7
+        chunks = [sr_high({**rows, "video": rows["video"][:, :, p]})["video"] for p in parts if p.start < p.stop]
+        assert np.array_equal(np.concatenate(chunks, axis=2), whole), n
+    assert frame_chunk(7, (0, 3), fb) == slice(0, 0)  # two passes, three chunks: one is empty
 
 
 def test_batch_settings_are_checked_by_name():
