@@ -104,22 +104,26 @@ def decode(
     guidance: float | torch.Tensor | None = None,
     motion: torch.Tensor | None = None,
     progress: Progress | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0.
 
     ``motion`` (``b 2``, (dy, dx) in frame sizes per keyframe; NaN rows: none) is motion guidance: the
     initial noise's common part moves along that straight path (``stages.noise.frame_noise``), and what it
-    lays out moves with it. Off by default: D^t's keyframes then move as its temporal layers learned."""
+    lays out moves with it. Off by default: D^t's keyframes then move as its temporal layers learned.
+    ``noise`` (``b 3 frames size size``) is the x_T to start from, e.g. a source video's DDIM inversion
+    (``stages.inversion``); None: drawn from the seeds."""
     dev, dt = _device(decoder), _dtype(decoder)
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
-    noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), stage_generators(seeds, "decoder"), dev, dt,
-                        shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive,
-                        motion=motion)
+    if noise is None:
+        noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), stage_generators(seeds, "decoder"), dev, dt,
+                            shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive,
+                            motion=motion)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
-    return sample(decoder, noise, cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance,
-                  progress=progress)
+    return sample(decoder, noise.to(dev, dt), cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond,
+                  guidance=guidance, progress=progress)
 
 
 def infill_inputs(frames: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ EMBEDDING_SPACES = ("unit", "clip")
 CONDITIONINGS_Y = ("image", "unclip")
 LOW_RES_CONDITIONS = ("noised", "unclip")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+ATTENTION_MODES = ("full", "sparse_causal")  # stages.attention: the processors of the spatial self-attention
 
 
 class ConfigError(UserError):
@@ -239,8 +240,10 @@ class UNetConfig:
     temporal: bool = True                 # pseudo-3D layers: temporal conv after each 2D conv, temporal attention after each spatial one
     temporal_kernel: int = 3              # 1D temporal conv kernel size (odd)
     temporal_heads: int = 4
+    spatial_attention: str = "full"       # spatial self-attention: full (a frame alone) or sparse_causal (frames 0 and i-1)
 
     def __post_init__(self) -> None:
+        _check_choice("spatial_attention", self.spatial_attention, ATTENTION_MODES)
         if len(self.attention) != len(self.block_out_channels):
             raise ConfigError(
                 f"attention has {len(self.attention)} entries but block_out_channels has {len(self.block_out_channels)}"

@@ -227,7 +227,7 @@ class SpatialBlock(nn.Module):
 
 
 class TemporalBlock(nn.Module):
-    """Temporal self-attention and MLP (variants 1 and 2); a single token frame passes through untouched."""
+    """Temporal self-attention and MLP (variants 1 and 2)."""
 
     def __init__(self, cfg: LatteConfig) -> None:
         super().__init__()
@@ -238,8 +238,6 @@ class TemporalBlock(nn.Module):
         _start_at_identity(self.mlp)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[1] == 1:
-            return x
         return self.mlp(self.attn(x, c), c)
 
 
@@ -409,13 +407,14 @@ class LatteVideo(nn.Module):
         conditioned_by_token = self.cfg.conditioning == "tokens"
         if conditioned_by_token:
             stream = torch.cat([repeat(c, "b d -> b f 1 d", f=stream.shape[1]), stream], dim=2)
+        temporal = self.temporal_blocks if stream.shape[1] > 1 else []  # one token frame never enters them
         if self.cfg.variant == 1:
-            for spatial, temporal in zip(self.blocks, self.temporal_blocks or [None] * len(self.blocks)):
+            for spatial, block in zip(self.blocks, temporal or [None] * len(self.blocks)):
                 stream = self._run(spatial, stream, c, tokens)
-                if temporal is not None:
-                    stream = self._run(temporal, stream, c, tokens)
+                if block is not None:
+                    stream = self._run(block, stream, c, tokens)
         else:  # 2: the temporal blocks after all spatial ones; 3, 4: none apart
-            for block in (*self.blocks, *self.temporal_blocks):
+            for block in (*self.blocks, *temporal):
                 stream = self._run(block, stream, c, tokens)
         if conditioned_by_token:
             stream = stream[:, :, 1:]

@@ -57,6 +57,8 @@ class TrainConfig:
     fps_max: int = 30
     fps_beta: float = 4.0           # concentration of the fps schedule's beta distribution
     interp_skips: tuple[int, ...] = (2, 3, 5)  # frame skips ↑F trains on
+    joint_images: int = 0           # decoder-video: still images from the image data trained beside every clip
+                                    # (Latte's image–video joint training); spatial layers see them, temporal ones not
     extrapolation_prob: float = 0.3  # share of ↑F samples whose mask is a start/end extrapolation
     noise_aug_max: int = 250        # SR: condition noised to a timestep drawn from [0, noise_aug_max]
     cache_data: bool = True         # decode the data set once into Ray's object store (small data sets)
@@ -74,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"temporal_lr_scale must be > 0, got {self.temporal_lr_scale}")
         if self.min_snr_gamma < 0:
             raise ConfigError(f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}")
+        if self.joint_images < 0:
+            raise ConfigError(f"joint_images must be >= 0, got {self.joint_images}")
         if not self.interp_skips or min(self.interp_skips) < 2:
             raise ConfigError("interp_skips must be a non-empty list of skips >= 2")
 
@@ -234,6 +238,7 @@ class Samples:
     pixels: torch.Tensor          # b 3 f h w in [-1, 1]; an image is a video with f = 1
     fps: torch.Tensor             # b: each clip's frame rate; 0 for images
     captions: tuple[str, ...] = ()  # text–image pairs: one caption per item
+    stills: torch.Tensor | None = None  # joint training: still images ``n 3 1 h w`` trained beside the clips
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,8 +272,18 @@ def _prior_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
 
 def _decoder_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
     video = downsample_video(x.pixels, ctx.stage_cfg.size)
-    return decoder_loss(model, ctx.clip, video, x.fps, ctx.stage_cfg.diffusion, ctx.generator,
+    loss = decoder_loss(model, ctx.clip, video, x.fps, ctx.stage_cfg.diffusion, ctx.generator,
                         ctx.train.min_snr_gamma, shared=_frame_noise(ctx.stage_cfg).shared)
+    if x.stills is None:
+        return loss
+    # Image–video joint training (Latte, Sec. 3.3): the still images go through the same network as one-frame
+    # videos (fps 0, each conditioned on its own y_e), so they reach its spatial layers only; the loss is the
+    # mean over every frame, the clips' and the images'. (The unwrapped network: DDP takes one forward a step.)
+    stills = downsample_video(x.stills, ctx.stage_cfg.size)
+    still_loss = decoder_loss(_unwrap(model), ctx.clip, stills, torch.zeros(len(stills), device=stills.device),
+                              ctx.stage_cfg.diffusion, ctx.generator, ctx.train.min_snr_gamma)
+    f, n = video.shape[2], len(stills) / len(video)
+    return (f * loss + n * still_loss) / (f + n)
 
 
 def _interpolation_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
@@ -301,6 +316,7 @@ class TrainingStage:
     needs_clip: bool = False      # its loss reads the frozen CLIP stage
     inflate: bool = False         # its network is made pseudo-3D (temporal layers at identity) unless it is already
     widen: int = 0                # input channels added to the network it starts from (zero-initialised)
+    joint: bool = False           # may train still images beside its clips (TrainConfig.joint_images)
 
     @property
     def video(self) -> bool:
@@ -320,7 +336,7 @@ TRAINING_STAGES: dict[str, TrainingStage] = {s.name: s for s in (
     TrainingStage(name="decoder", produces="decoder", data=IMAGES, data_size=lambda p: p.decoder.size,
                   loss=_decoder_step, needs_clip=True),
     TrainingStage(name="decoder-video", produces="decoder", init="decoder", data=VIDEOS,
-                  data_size=lambda p: p.decoder.size, loss=_decoder_step, needs_clip=True, inflate=True),
+                  data_size=lambda p: p.decoder.size, loss=_decoder_step, needs_clip=True, inflate=True, joint=True),
     TrainingStage(name="interpolation", produces="interpolation", init="decoder", data=VIDEOS,
                   data_size=lambda p: p.decoder.size, loss=_interpolation_step, needs_clip=True, inflate=True, widen=4),
     TrainingStage(name="sr-low", produces="sr_low", data=IMAGES, data_size=lambda p: p.sr_low.out_size, loss=_sr_step),

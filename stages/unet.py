@@ -19,6 +19,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from stages.attention import set_spatial_attention
 from stages.config import UNetConfig
 from stages.temporal import FrameContext, inflate
 
@@ -130,6 +131,8 @@ class VideoUNet(nn.Module):
         self.frame_context = (
             inflate(self.unet, kernel=cfg.temporal_kernel, heads=cfg.temporal_heads) if cfg.temporal else FrameContext()
         )
+        if cfg.spatial_attention != "full":
+            set_spatial_attention(self.unet, cfg.spatial_attention, self.frame_context)
         self._lock = threading.Lock()
 
     def __getstate__(self):

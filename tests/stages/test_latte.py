@@ -243,3 +243,34 @@ def test_sizes_and_frame_counts_must_cut_into_patches_and_tubelets():
     CascadeConfig(interpolation=InterpolationConfig(backbone="latte", latte=tubelet))  # 76 = 4 · 19
     with pytest.raises(ConfigError, match="unknown config key 'decoder.latte.layers'"):
         load_yaml(CascadeConfig, "decoder: {backbone: latte, latte: {layers: 3}}")
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-latte"])
+def test_joint_training_keeps_the_still_images_out_of_temporal_layers(preset_name):
+    with open(resources.files("cluster") / "presets" / f"{preset_name}.yaml") as f:
+        preset = load_yaml(CascadeConfig, f.read())
+    image_cfg, image = training.start_network(training.TRAINING_STAGES["decoder"], preset)
+    stage = training.TRAINING_STAGES["decoder-video"]
+    cfg, net = training.start_network(stage, preset, (image_cfg, image))
+    clip = cascade.build_stage("clip", preset.clip).eval()
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 4, 8, 8, generator=g) * 2 - 1
+    frames_seen = []
+    for name, module in net.named_modules():
+        if name.startswith("temporal_blocks.") and name.count(".") == 1:
+            module.register_forward_pre_hook(lambda m, args: frames_seen.append(args[0].shape[1]))
+
+    def gradients(stills: torch.Tensor) -> dict[str, torch.Tensor]:
+        ctx = training.LossContext(stage_cfg=cfg, train=training.TrainConfig(joint_images=3), clip=clip,
+                                   generator=torch.Generator().manual_seed(1))
+        net.zero_grad()
+        stage.loss(net, training.Samples(pixels=video, fps=torch.tensor([4.0, 8.0]), stills=stills), ctx).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    a = gradients(torch.rand(6, 3, 1, 8, 8, generator=g) * 2 - 1)
+    b = gradients(torch.rand(6, 3, 1, 8, 8, generator=g) * 2 - 1)
+    temporal = temporal_parameter_names(net)
+    assert temporal and all(torch.equal(a[n], b[n]) for n in temporal if n in a)
+    assert any(not torch.equal(a[n], b[n]) for n in a if n not in temporal)  # the spatial layers learn from them
+    if preset_name == "tiny-latte":  # every temporal block saw the clips' four frames, never an image
+        assert frames_seen and set(frames_seen) == {4}

@@ -19,7 +19,7 @@ from stages.fsio import is_local, join, read_yaml_mapping
 from stages.training import TRAINING_STAGES, TrainConfig
 from workflows.presets import load_preset
 from workflows.train.data import arrow_fs, image_dataset, video_dataset
-from workflows.train.loop import train_loop
+from workflows.train.loop import STILLS, train_loop, uses_stills
 from workflows.train.spec import MAX_VIDEO_FRAMES, TRAIN_DIR, TrainJob
 from workflows.train.metrics import CSV_NAME, read_rows
 
@@ -63,6 +63,9 @@ def check_job(job: TrainJob, *, resume: bool) -> None:
     if job.config.temporal_only and not spec.temporal_only_allowed:
         allowed = ", ".join(name for name, s in TRAINING_STAGES.items() if s.temporal_only_allowed)
         raise ConfigError(f"temporal_only applies to {allowed}, not {job.stage}")
+    if job.config.joint_images and not spec.joint:
+        allowed = ", ".join(name for name, s in TRAINING_STAGES.items() if s.joint)
+        raise ConfigError(f"joint_images (still images beside every clip) applies to {allowed}, not {job.stage}")
     if spec.needs_clip:
         _require_stage(job.clip or job.output, "clip", f"{job.stage} needs a trained CLIP: train the clip stage "
                        f"into --output first or pass --clip BUNDLE")
@@ -77,14 +80,17 @@ def check_job(job: TrainJob, *, resume: bool) -> None:
         raise ConfigError(f"nothing to resume: no {job.stage} training run under {job.run_dir}")
 
 
-def _dataset(job: TrainJob):
+def _datasets(job: TrainJob) -> dict:
+    """Ray Train's data sets: ``train`` (the stage's data) and, for joint training, the still images."""
     spec = job.spec
     size = spec.data_size(load_preset(job.preset))
     if spec.video:
-        ds = video_dataset(list(job.data), size, max_frames=MAX_VIDEO_FRAMES)
+        ds = {"train": video_dataset(list(job.data), size, max_frames=MAX_VIDEO_FRAMES)}
     else:
-        ds = image_dataset(list(job.data), size)
-    return ds.materialize() if job.config.cache_data else ds
+        ds = {"train": image_dataset(list(job.data), size)}
+    if uses_stills(job):
+        ds[STILLS] = image_dataset(list(job.data), size)
+    return {name: d.materialize() if job.config.cache_data else d for name, d in ds.items()}
 
 
 def _storage(job: TrainJob):
@@ -109,7 +115,7 @@ def run_training(job: TrainJob, *, resume: bool = False) -> dict:
 
     check_job(job, resume=resume)
     DataContext.get_current().enable_progress_bars = False
-    ds = _dataset(job)
+    datasets = _datasets(job)
     storage_path, storage_fs = _storage(job)
     use_gpu = job.gpus_per_worker > 0
     resources = {"CPU": job.cpus_per_worker}
@@ -120,7 +126,7 @@ def run_training(job: TrainJob, *, resume: bool = False) -> dict:
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": ds},
+        datasets=datasets,
         run_config=RunConfig(
             name=job.stage,
             storage_path=storage_path,

@@ -10,6 +10,7 @@ live on the worker's device: NCCL has no CPU tensors.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from workflows.train.spec import TrainJob
 
 STATE_WEIGHTS = "train_state.safetensors"
+STILLS = "stills"  # the data set of still images a joint-training run reads beside its clips
 STATE_META = "train_state.json"
 
 
@@ -61,8 +63,9 @@ def train_loop(loop_config: dict) -> None:
     resumed_from = step
     lr_scales = [g["lr_scale"] for g in opt.param_groups]
     params = [p for p in net.parameters() if p.requires_grad]
-    if cfg_t.gradient_checkpointing and hasattr(net, "unet"):
-        net.unet.enable_gradient_checkpointing()
+    checkpointed = getattr(net, "unet", net)  # a VideoUNet's diffusers U-Net, or a LatteVideo itself
+    if cfg_t.gradient_checkpointing and hasattr(checkpointed, "enable_gradient_checkpointing"):
+        checkpointed.enable_gradient_checkpointing()
     clip = None
     if spec.needs_clip:
         _, clip = load_stage(job.clip or job.output, "clip", device=device)
@@ -72,6 +75,8 @@ def train_loop(loop_config: dict) -> None:
     loss_ctx = training.LossContext(stage_cfg=stage_cfg, train=cfg_t, generator=gen, clip=clip)
 
     batches = epoch_batches(ray.train.get_dataset_shard("train"), cfg_t.batch_size, cfg_t.seed * 7919 + rank)
+    stills = (epoch_batches(ray.train.get_dataset_shard(STILLS), cfg_t.batch_size * cfg_t.joint_images,
+                            cfg_t.seed * 7919 + rank + 1) if uses_stills(job) else None)
     log = MetricsLog(job.run_dir, resumed_from=resumed_from) if rank == 0 else None
     window = Window(device)
     metrics = {"step": step, "loss": float("nan"), "lr": cfg_t.lr, "samples_per_s": float("nan"),
@@ -83,7 +88,8 @@ def train_loop(loop_config: dict) -> None:
         for g, scale in zip(opt.param_groups, lr_scales):
             g["lr"] = training.lr_at(step, cfg_t) * scale
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg_t.bf16):
-            loss = step_loss(model, batch, ok, spec, loss_ctx, step / max(1, cfg_t.max_steps), device)
+            loss = step_loss(model, batch, ok, spec, loss_ctx, step / max(1, cfg_t.max_steps), device,
+                             next(stills) if stills is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # DDP averaged the gradients, so every worker sees the same ones: where no worker had a usable item
@@ -143,14 +149,26 @@ def epoch_batches(shard, batch_size: int, seed: int) -> Iterator[dict[str, np.nd
         epoch += 1
 
 
+def uses_stills(job: TrainJob) -> bool:
+    """Whether ``job`` trains still images beside its clips (image–video joint training)."""
+    return job.spec.joint and job.config.joint_images > 0
+
+
 def step_loss(model, batch: dict[str, np.ndarray], ok: np.ndarray, spec: training.TrainingStage,
-              loss_ctx: training.LossContext, progress: float, device: torch.device) -> torch.Tensor:
-    """The stage's loss on the batch's usable rows (``ok``). A worker whose rows are all unusable still takes
-    part in the step (DDP's collectives must match across workers): its loss is exactly zero, computed
-    through the network's forward pass on the rows made readable."""
+              loss_ctx: training.LossContext, progress: float, device: torch.device,
+              stills: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+    """The stage's loss on the batch's usable rows (``ok``), and on the usable ones of ``stills`` (a batch of
+    images trained beside the clips). A worker whose rows are all unusable still takes part in the step (DDP's
+    collectives must match across workers): its loss is exactly zero, computed through the network's forward
+    pass on the rows made readable."""
     if ok.any():
         rows = {k: v[ok] for k, v in batch.items()}
-        return spec.loss(model, to_samples(rows, spec, loss_ctx.train, progress, loss_ctx.generator, device), loss_ctx)
+        samples = to_samples(rows, spec, loss_ctx.train, progress, loss_ctx.generator, device)
+        if stills is not None and np.asarray(stills["ok"], dtype=bool).any():
+            usable = np.asarray(stills["ok"], dtype=bool)
+            images = _to_float(torch.from_numpy(np.ascontiguousarray(stills["image"][usable])), device)
+            samples = dataclasses.replace(samples, stills=images[:, :, None])
+        return spec.loss(model, samples, loss_ctx)
     rows = dict(batch)
     if spec.video:  # undecodable videos are all-zero arrays: give them a usable length and fps
         rows["length"] = np.full(len(ok), batch["video"].shape[2])
