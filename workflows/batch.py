@@ -35,8 +35,10 @@ from workflows.pipeline import DEFAULT_FPS, Request, check_motion
 from workflows.pools import PoolConfig
 from workflows.presets import DEFAULT_PRESET
 from workflows.progress import RowBars
+from workflows.resources import WaitWatch, check_cluster, fmt, pool_needs, print_waits, waiting_actors
 from workflows.runners import RUNNER_OF
 
+POOLS_FIX = "give the pools fewer actors or fractional CPUs (cpus: 0.25 in --pools)"
 MANIFEST = "manifest.parquet"
 JOURNAL = "_journal"
 PARAMS = ("prompt", "negative_prompt", "seed", "fps", "steps", "guidance", "motion")
@@ -238,16 +240,21 @@ class JobResult:
     wall_seconds: float
     utilisation: dict[str, float]
     manifest: str
+    actors_lost: int = 0   # stage actors whose process or node died, replaced by Ray
+    rows_retried: int = 0  # rows re-run on those replacements
 
 
 def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | None = None) -> JobResult:
     """Run a batch job on the connected Ray cluster.
 
-    Raises InputError before anything is written when the input cannot be used. On Ctrl-C the
-    manifest of what was finished is written (unfinished rows marked ``pending``), then
-    KeyboardInterrupt propagates. ``progress`` shows rows per stage; for its totals the prompt files are
-    read once more, first.
+    Raises InputError before anything is written when the input cannot be used, and ResourceError when the
+    cluster can never hold the pools' first actors. On Ctrl-C (or SIGTERM, raised as a KeyboardInterrupt) the
+    manifest of what was finished is written (unfinished rows marked ``pending``), then the interrupt
+    propagates. ``progress`` shows rows per stage, and what waits for resources; for its totals the prompt
+    files are read once more, first.
     """
+    import ray
+
     start = time.perf_counter()
     files = open_inputs(list(job.prompts))
     done = read_journal(job.output)
@@ -280,7 +287,9 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
     first = next(rows, None)
     if first is None:  # nothing left to generate: no actors needed
         return _finish(job, records, counts["skipped"], time.perf_counter() - start, {})
-    executor = StreamingExecutor(stage_specs(job, pools))
+    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    check_cluster(pool_needs(pools, use_gpus), what="the pools", fix=POOLS_FIX)
+    executor = StreamingExecutor(stage_specs(job, pools), use_gpus=use_gpus)
     if not executor.use_gpus and any(p.gpus for p in pools.values()):
         print("notice: the cluster has no GPUs; the pools' GPU requests are dropped", file=sys.stderr)
     total = sum(1 for _ in read_rows(files)) if progress is not None else None
@@ -290,7 +299,15 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
             expected = total - counts["skipped"] - counts["rejected"]
             progress.update(executor.snapshot(), expected, force=force)
 
-    interrupted = False
+    bundles = {n.stage: fmt(n.each) for n in pool_needs(pools, use_gpus)}
+
+    def waiting() -> str:
+        counts = waiting_actors(functools.partial(_stage_of, f"mav-{executor.token}-"))
+        return ", ".join(f"{stage} {n} actor{'s' if n > 1 else ''} ({bundles[stage]} each)"
+                         for stage, n in counts.items() if stage in bundles)
+
+    watch = WaitWatch(waiting, progress.note if progress is not None else print_waits()).start()
+    interrupted: KeyboardInterrupt | None = None
     try:
         for completion in executor.run(itertools.chain([first], rows)):
             if completion.batch is not None:
@@ -302,9 +319,10 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
                                 "error": f"{stage}: {err}"}
             show()
         show(force=True)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = e
     finally:
+        watch.close()
         if progress is not None:
             progress.close_all()
     wall = time.perf_counter() - start
@@ -315,9 +333,16 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
         for key, r in requests.items():
             records.setdefault(key, {"id": r.id, **params_of(r), "status": "pending", "output": "", "error": "interrupted"})
     result = _finish(job, records, counts["skipped"], wall, utilisation)
+    result.actors_lost = sum(s.actors_lost for s in stats)
+    result.rows_retried = sum(s.rows_retried for s in stats)
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     return result
+
+
+def _stage_of(prefix: str, actor_name: str) -> str | None:
+    """The stage of one of this job's pool actors, named ``<prefix><stage>-<n>`` (None for another actor)."""
+    return actor_name[len(prefix):].rsplit("-", 1)[0] if actor_name.startswith(prefix) else None
 
 
 def _finish(job: JobSpec, records: dict[int, dict], skipped: int, wall: float, utilisation: dict) -> JobResult:

@@ -20,7 +20,7 @@ from stages.errors import UserError
 from stages.fsio import is_local, join, write_bytes_atomic
 from workflows import serve, shapes, train
 from workflows.batch import JobSpec, run_job
-from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError
+from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError, sigterm_as_interrupt
 from workflows.outputs import check_writable, safe_name
 from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED, Pipeline, Request
 from workflows.pools import load_pools
@@ -109,11 +109,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except Exception as e:
         raise CliError(f"cannot start or join Ray ({args.address or 'local'}): {e}", EXIT_FAILED) from None
     try:
-        result = run_job(job, pools, progress=RowBars())
+        with sigterm_as_interrupt() as stop:  # ray job stop, Kubernetes: stop as Ctrl-C does
+            result = run_job(job, pools, progress=RowBars())
     except KeyboardInterrupt:
-        print(f"mav: interrupted; finished videos are kept, rerun the same command to resume "
+        what, status = stop.status()
+        print(f"mav: {what}; finished videos are kept, rerun the same command to resume "
               f"(manifest: {args.output})", file=sys.stderr)
-        return 130
+        return status
     minutes = result.wall_seconds / 60
     made = result.ok - result.skipped
     print(f"videos: {result.ok} ok ({made} made now, {result.skipped} from an earlier run), {result.failed} failed, "
@@ -121,6 +123,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"wall time {result.wall_seconds:.1f}s, throughput {made / max(minutes, 1e-9):.2f} videos/min", file=sys.stderr)
     if result.utilisation:
         print("utilisation " + ", ".join(f"{k} {v:.0%}" for k, v in result.utilisation.items()), file=sys.stderr)
+    if result.actors_lost:
+        print(f"faults: {result.actors_lost} stage actor(s) lost (a process or node died) and replaced, "
+              f"{result.rows_retried} rows retried on the replacements", file=sys.stderr)
     print(f"manifest {result.manifest}", file=sys.stderr)
     for rec in result.records:
         if rec["status"] != "ok":

@@ -17,8 +17,10 @@ actor leaving its pool is drained first: it gets no new calls, and is killed onc
 so no row is lost or run twice.
 
 Faults: actors are created with ``max_restarts=-1`` and ``max_task_retries``; Ray replaces a dead
-actor process and re-runs its in-flight calls (their inputs are still referenced by the driver). A
-batch that raises is retried row by row inside the actor, so one bad row fails alone.
+actor process (on another node if its node is gone) and re-runs its in-flight calls (their inputs are
+still referenced by the driver, and rebuilt from their lineage if they were on the lost node). Each
+stage counts its actors lost and the rows re-run on their replacements (``StageStats``). A batch that
+raises is retried row by row inside the actor, so one bad row fails alone.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class PoolActor:
     def __init__(self, name: str, factory: Callable[[], BatchFn], threads: int) -> None:
         self.name = name
         self._compute = threading.Lock()
+        self.born = time.time()  # calls sent before this are re-runs of a lost actor's calls
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         try:
             import torch
 
@@ -72,7 +76,7 @@ class PoolActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def process(self, parts: list[tuple[ray.ObjectRef, np.ndarray]]) -> tuple[dict | None, dict]:
+    def process(self, parts: list[tuple[ray.ObjectRef, np.ndarray]], sent: float = 0.0) -> tuple[dict | None, dict]:
         batches = ray.get([ref for ref, _ in parts])
         batch = columns.concat([columns.take(b, idx) for b, (_, idx) in zip(batches, parts)])
         keys = [int(k) for k in batch[ROW_KEY]]
@@ -83,7 +87,8 @@ class PoolActor:
         ok = [int(k) for k in out[ROW_KEY]] if out is not None else []
         if out is not None:  # each row carries its share of every stage's time to the end of the pipeline
             out[f"{SECONDS_PREFIX}{self.name}"] = np.full(len(ok), seconds / max(1, len(keys)))
-        meta = {"ok": ok, "failed": failed, "seconds": seconds, "rows": len(keys), "pid": os.getpid()}
+        meta = {"ok": ok, "failed": failed, "seconds": seconds, "rows": len(keys), "pid": os.getpid(),
+                "restarted": self.restarted, "retried": self.restarted and sent < self.born}
         return out, meta
 
     def _apply(self, batch: dict[str, np.ndarray], keys: list[int]) -> tuple[dict | None, dict[int, str]]:
@@ -134,6 +139,8 @@ class StageStats:
     actors: int = 0
     busy_actors: int = 0
     queued_rows: int = 0
+    actors_lost: int = 0        # actors whose process or node died (each replaced by Ray)
+    rows_retried: int = 0       # rows re-run on a lost actor's replacement
 
 
 @dataclass
@@ -185,6 +192,7 @@ class StreamingExecutor:
             max_rows_in_flight += specs[0].pool.batch_size
         self.max_rows_in_flight = max_rows_in_flight
         self.calls: dict[ray.ObjectRef, _Call] = {}
+        self.replacements: set[tuple[int, int]] = set()   # (stage, pid) of actors that replaced lost ones
         self.token = uuid.uuid4().hex[:8]
         self.started_actors = 0
         self.retired_actors = 0
@@ -302,7 +310,7 @@ class StreamingExecutor:
                     pool.queue[0] = _Chunk(chunk.ref, chunk.idx[need:], chunk.keys[need:])
                     need = 0
             pool.queued_rows -= len(keys)
-            out_ref, meta_ref = pool.actors[a].process.options(num_returns=2).remote(parts)
+            out_ref, meta_ref = pool.actors[a].process.options(num_returns=2).remote(parts, time.time())
             pool.outstanding[a] += 1
             self.calls[meta_ref] = _Call(i, a, parts, keys, out_ref, time.perf_counter())
 
@@ -373,6 +381,11 @@ class StreamingExecutor:
             return Completion(None, {k: (name, err) for k in call.keys})
         stats.calls += 1
         stats.busy_seconds += meta["seconds"]
+        if meta.get("restarted") and (call.stage, meta["pid"]) not in self.replacements:
+            self.replacements.add((call.stage, meta["pid"]))
+            stats.actors_lost += 1
+        if meta.get("retried"):
+            stats.rows_retried += len(call.keys)
         pool.speed.add(meta["seconds"], meta["rows"])
         stats.rows_done += len(meta["ok"])
         stats.rows_failed += len(meta["failed"])

@@ -1,7 +1,8 @@
 """Progress on stderr with tqdm: live bars on a terminal, plain periodic lines otherwise (a log, a pipe).
 
 ``StageBars``: ``mav generate``'s sampling steps per stage (the runners' ``progress(stage, step, total)``).
-``RowBars``: ``mav batch``'s rows done per stage pool, with rate and ETA.
+``RowBars``: ``mav batch``'s rows done per stage pool, with rate and ETA, actors lost and rows retried, and what
+waits for resources.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class RowBars(_Display):
             total = None if expected is None else expected - lost
             lost += s.rows_failed
             postfix = f"busy {s.busy_actors}/{s.actors}, queued {s.queued_rows}"
+            if s.actors_lost:
+                postfix += f", lost {s.actors_lost} actor{'s' if s.actors_lost > 1 else ''}, retried {s.rows_retried} rows"
             if self.tty:
                 bar = self.bar(s.name, f"{s.name:<13}", total, position=i)
                 bar.total = total
@@ -112,6 +115,15 @@ class RowBars(_Display):
                 lines.append(self.line(s.name, f"{s.name:<13}", s.rows_done, total, postfix))
         if lines:
             self.write(lines)
+
+    def note(self, line: str | None) -> None:
+        """A line about the job as a whole (``waiting for resources: ...``), above the bars on a terminal;
+        None: what the last note said is over."""
+        text = line if line is not None else "resources arrived; going on"
+        if self.tty:
+            tqdm.write(text, file=self.stream)
+        else:
+            self.write([text])
 
     def close_all(self) -> None:
         for name in list({**self.bars, **self.started}):

@@ -32,3 +32,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def local_cluster():
+    """A multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head and worker nodes, each a
+    raylet with its own resources), apart from ``ray_session``: this process never connects to it; ``mav``
+    commands join it with ``--address``, as ``ray job submit`` drivers do. Yields a function that starts the
+    head (``start(num_cpus=..., resources=...)``) and returns the Cluster; ``add_node``/``remove_node`` on it add
+    and kill worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    clusters = []
+
+    def start(**head) -> Cluster:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args={"include_dashboard": False, **head})
+        clusters.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.shutdown()

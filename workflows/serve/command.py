@@ -8,15 +8,18 @@ serve it until Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import sys
 import time
 
+from stages.config import STAGE_NAMES
 from workflows.errors import EXIT_FAILED, CliError
 from workflows.presets import DEFAULT_MODEL, choose_model
-from workflows.serve.config import cpus_needed, fit_to_cluster, load_serve_config, parse_app_args
+from workflows.resources import WaitWatch, check_cluster, print_waits, replica_needs, waiting_replicas
+from workflows.serve.config import DEPLOYMENTS, cpus_needed, fit_to_cluster, load_serve_config, parse_app_args
 from workflows.serve.middleware import API_KEY_ENV
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -63,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides, notices = fit_to_cluster(config.overrides, ray.cluster_resources())
     for notice in notices:
         print(f"notice: {notice}", file=sys.stderr)
+    check_cluster(replica_needs(overrides, {name: 1.0 if name in STAGE_NAMES else 0.0 for name in DEPLOYMENTS}),
+                  what="the Serve deployments", fix="ask for fewer replicas or fractional num_cpus in the Serve config")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -71,9 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"deploying {config.name} ({checkpoint or 'fresh weights of preset ' + preset}); loading the stages...",
               file=sys.stderr)
-        url = run_local(spec, overrides, host=host, port=port, name=config.name,
-                        route_prefix=config.route_prefix,
-                        http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
+        with WaitWatch(functools.partial(waiting_replicas, config.name), print_waits()):
+            url = run_local(spec, overrides, host=host, port=port, name=config.name,
+                            route_prefix=config.route_prefix,
+                            http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
         print(f"serving on {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)

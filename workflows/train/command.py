@@ -8,9 +8,10 @@ import time
 
 from stages.fsio import join
 from stages.training import TRAINING_STAGES
-from workflows.errors import CliError
+from workflows.errors import CliError, sigterm_as_interrupt
 from workflows.presets import DEFAULT_PRESET, load_preset
 from workflows.ray_cluster import init_ray
+from workflows.resources import Need, WaitWatch, check_cluster, fmt, print_waits, waiting_placement_groups
 from workflows.train.job import TrainJob, cpus_needed, load_train_config, run_training
 
 RECIPE_ORDER = ("clip", "prior", "decoder", "sr-low", "sr-high", "decoder-video", "sr-low-video", "interpolation")
@@ -49,9 +50,25 @@ def run(args) -> int:
                    init=args.init, clip=args.clip, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    cpus_per_worker=args.cpus_per_worker)
     init_ray(args.address, cpus_needed(args.workers, args.cpus_per_worker), log_to_driver=True)  # rank 0's log lines
+    worker = {"CPU": args.cpus_per_worker, "GPU": args.gpus_per_worker}
+    check_cluster([Need("training workers", args.workers, worker), Need("Ray Data reader", 1, {"CPU": 1.0})],
+                  what="the training job", fix="ask for fewer --workers or --cpus-per-worker")
     start = time.perf_counter()
-    metrics = run_training(job, resume=args.resume)
+    try:
+        with sigterm_as_interrupt() as stop, WaitWatch(_waiting_workers, print_waits()):
+            metrics = run_training(job, resume=args.resume)
+    except KeyboardInterrupt:
+        what, status = stop.status()
+        print(f"mav: {what}; the run's checkpoints are kept under {job.run_dir}: rerun with --resume to continue",
+              file=sys.stderr)
+        return status
     print(f"[{args.stage}] done: {int(metrics.get('step', 0))} steps in {time.perf_counter() - start:.0f}s, "
           f"final loss {metrics.get('loss', float('nan')):.4f}, {int(metrics.get('skipped_items', 0))} items skipped; "
           f"wrote {join(args.output, job.spec.produces)}; metrics in {job.run_dir}", file=sys.stderr)
     return 0
+
+
+def _waiting_workers() -> str:
+    """What of the training job waits for resources: Ray Train's worker groups not yet placed."""
+    return ", ".join(f"training workers {len(bundles)} x ({fmt(bundles[0])} each)"
+                     for bundles in waiting_placement_groups() if bundles)
