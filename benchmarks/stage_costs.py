@@ -53,21 +53,27 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from stages.cascade import (
     build_stage,
     decode,
     encode_text,
     generate_image_embeds,
-    infill_inputs,
     interpolate,
     super_resolve_frames,
     super_resolve_video,
 )
 from stages.config import STAGE_NAMES, CascadeConfig
+from stages.costs import (
+    FPS,
+    PROMPT,
+    count_flops,
+    evaluation_shape,
+    evaluations_per_sample,
+    module_flops,
+    network_call,
+)
 from stages.temporal import FrameContext, PseudoConv3d, TemporalAttention
-from workflows.pipeline import DEFAULT_FPS
 from workflows.presets import load_preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,27 +81,11 @@ ROOT = os.path.dirname(HERE)
 
 SECTIONS = ("cpu", "paper", "factorisation")
 THREADS = 2
-PROMPT = "a red ball bouncing on a wooden floor"
-FPS = float(DEFAULT_FPS)       # keyframe rate D^t is conditioned on
-TIMESTEP = 500                 # t of a single evaluation (any t costs the same)
 LABELS = {"clip": "CLIP text", "prior": "P", "decoder": "D^t", "interpolation": "↑F", "sr_low": "SR_l^t",
           "sr_high": "SR_h"}
 
 
 # -- what one network evaluation is --------------------------------------------------------------
-
-def evaluation_shape(name: str, cfg: CascadeConfig) -> tuple[int, int]:
-    """(frames, size) of one evaluation of a U-Net stage for one sample; SR_h's sample is one frame."""
-    if name == "decoder":
-        return cfg.decoder.frames, cfg.decoder.size
-    if name == "interpolation":
-        return cfg.output_frames, cfg.decoder.size
-    if name == "sr_low":
-        return cfg.output_frames, cfg.sr_low.out_size
-    if name == "sr_high":
-        return 1, cfg.sr_high.out_size
-    raise ValueError(f"stage {name!r} has no video shape; expected one of decoder, interpolation, sr_low, sr_high")
-
 
 def describe(name: str, cfg: CascadeConfig, frames: int | None = None) -> str:
     """The input of one evaluation in words, e.g. ``16×64²``; ``frames`` overrides the preset's frame count."""
@@ -107,75 +97,12 @@ def describe(name: str, cfg: CascadeConfig, frames: int | None = None) -> str:
     return f"{f if frames is None else frames}×{size}²"
 
 
-def network_call(name: str, net: nn.Module, cfg: CascadeConfig, frames: int | None = None) -> Callable[[], Any]:
-    """A closure running one evaluation of ``net`` for one sample, inputs on the network's device.
-
-    ``frames`` (video stages) replaces the preset's frame count. CLIP's evaluation is ``encode_text`` of one prompt.
-    """
-    device = next(net.parameters()).device
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:  # made on the CPU, so that the meta device gets the same shapes
-        return torch.randn(shape, generator=g).to(device)
-
-    if name == "clip":
-        return lambda: encode_text(net, [PROMPT])
-    t = torch.tensor([TIMESTEP], device=device)
-    if name == "prior":
-        d, n = cfg.prior.embed_dim, cfg.prior.num_tokens
-        kwargs = {"text_embeds": randn(1, d), "text_hidden": randn(1, n, d),
-                  "text_mask": torch.ones(1, n, dtype=torch.bool, device=device)}
-        x = randn(1, d)
-        return lambda: net(x, t, **kwargs)
-    f, size = evaluation_shape(name, cfg)
-    f = f if frames is None else frames
-    x = randn(1, 3, f, size, size)
-    if name in ("decoder", "interpolation"):
-        kwargs = {"image_embeds": randn(1, cfg.decoder.image_embed_dim), "fps": torch.tensor([FPS], device=device)}
-        if name == "interpolation":
-            known = torch.zeros(1, f, dtype=torch.bool)
-            known[:, :: cfg.interpolation.skip] = True
-            kwargs["cond_frames"] = infill_inputs(torch.randn(1, 3, f, size, size, generator=g), known).to(device)
-    else:
-        noise_level = getattr(cfg, name).noise_level
-        kwargs = {"cond_frames": randn(1, 3, f, size, size),
-                  "noise_level": torch.tensor([float(noise_level)], device=device)}
-    return lambda: net(x, t, **kwargs)
-
-
-def evaluations_per_sample(name: str, cfg: CascadeConfig) -> int:
-    """Network evaluations one sample costs in the full stage (a guided step is two: conditional and not)."""
-    if name == "clip":
-        return 2  # the prompt and the negative prompt, as the CLIP runner encodes them
-    stage = getattr(cfg, name)
-    steps = stage.diffusion.steps
-    if name in ("prior", "decoder"):
-        return steps * (2 if stage.diffusion.guidance != 1 else 1)
-    if name == "sr_high":
-        return steps * cfg.output_frames  # one evaluation per frame
-    return steps  # ↑F and SR_l^t sample without an unconditional branch
-
-
 def parameters(name: str, net: nn.Module) -> int:
     """Parameters used at inference: for CLIP, the text tower only (the image tower serves training)."""
     if name == "clip":
         return sum(p.numel() for n, p in net.named_parameters() if not n.startswith("model.visual.")
                    and n not in ("model.logit_scale", "model.logit_bias"))
     return sum(p.numel() for p in net.parameters())
-
-
-def count_flops(name: str, cfg: CascadeConfig, frames: int | None = None) -> int:
-    """FLOPs of one evaluation for one sample, counted on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        net = build_stage(name, getattr(cfg, name))
-    return module_flops(network_call(name, net, cfg, frames))
-
-
-def module_flops(call: Callable[[], Any]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        call()
-    return counter.get_total_flops()
 
 
 # -- measurement in a fresh process --------------------------------------------------------------

@@ -349,8 +349,7 @@ class StreamingExecutor:
                 buffer = []
             for i in reversed(range(len(self.pools))):
                 self._dispatch(i, source_done and not buffer)
-            if not source_done:
-                self._rebalance()
+            self._rebalance()
             if source_done and not buffer and not self.calls and not any(p.queued_rows for p in self.pools):
                 return
             if not self.calls:
