@@ -18,7 +18,7 @@ import warnings
 
 from stages.errors import UserError
 from stages.fsio import is_local, join, write_bytes_atomic
-from workflows import serve, shapes, train
+from workflows import plan_pools, serve, shapes, train
 from workflows.batch import JobSpec, run_job
 from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError, sigterm_as_interrupt
 from workflows.outputs import check_writable, safe_name
@@ -105,7 +105,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=preset, checkpoint=checkpoint,
                   seed=args.seed)
     try:
-        init_ray(args.address, sum(p.cpus * p.min_actors for p in pools.values()))
+        init_ray(args.address, sum(p.cpus * p.start_actors for p in pools.values()))
     except Exception as e:
         raise CliError(f"cannot start or join Ray ({args.address or 'local'}): {e}", EXIT_FAILED) from None
     try:
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     train.add_parsers(sub)
     shapes.add_parsers(sub)  # recipe, eval, data synth
+    plan_pools.add_parser(sub)
     return parser
 
 
