@@ -16,6 +16,8 @@ from workflows.pools import PoolConfig, load_pools, parse_pools
         ("decoderr: {actors: 1}", "unknown stage 'decoderr'"),
         ("decoder: {actorz: 1}", "unknown key 'decoder.actorz'"),
         ("decoder: {actors: {min: 3, max: 2}}", "min <= max"),
+        ("decoder: {actors: {min: 2, max: 4, initial: 5}}", "min <= initial <= max"),
+        ("decoder: {actors: {min: 1, start: 2}}", "unknown key 'decoder.actors.start'; expected min, max, initial"),
         ("decoder: {gpus: -1}", "gpus and cpus must be >= 0"),
         ("decoder: {batch_size: 0}", "batch_size must be >= 1"),
         ("decoder: {actors: two}", "decoder.actors: expected an integer"),
@@ -34,6 +36,9 @@ def test_default_pools_file_and_one_stage_change():
     changed = parse_pools("decoder: {actors: 3, gpus: 0.5, batch_size: 8}")
     assert changed["decoder"] == PoolConfig(min_actors=3, max_actors=3, gpus=0.5, batch_size=8)
     assert changed["sr_low"] == PoolConfig()  # other stages keep their defaults
+    planned = parse_pools("sr_high: {actors: {min: 1, max: 6, initial: 3}}")["sr_high"]
+    assert (planned.min_actors, planned.start_actors, planned.max_actors) == (1, 3, 6)
+    assert changed["decoder"].start_actors == 3   # without initial a pool starts at min
 
 
 def test_cluster_manifests_name_the_pools_file():
