@@ -62,7 +62,9 @@ def run(args) -> int:
         print(f"mav: {what}; the run's checkpoints are kept under {job.run_dir}: rerun with --resume to continue",
               file=sys.stderr)
         return status
-    print(f"[{args.stage}] done: {int(metrics.get('step', 0))} steps in {time.perf_counter() - start:.0f}s, "
+    resumed = int(metrics.get("resumed_from", 0))  # a worker or node lost, or --resume: went on from a checkpoint
+    print(f"[{args.stage}] done: {int(metrics.get('step', 0))} steps in {time.perf_counter() - start:.0f}s"
+          f"{f' (resumed from the checkpoint of step {resumed})' if resumed else ''}, "
           f"final loss {metrics.get('loss', float('nan')):.4f}, {int(metrics.get('skipped_items', 0))} items skipped; "
           f"wrote {join(args.output, job.spec.produces)}; metrics in {job.run_dir}", file=sys.stderr)
     return 0
