@@ -11,7 +11,8 @@ import time
 import pyarrow.parquet as pq
 
 from workflows.pools import default_pools_file, load_pools, parse_pools
-from workflows.resources import Need, pool_needs, replica_needs, shortfall
+from workflows.resources import Need, WaitWatch, pool_needs, replica_needs, shortfall
+from workflows.shapes.data import synth
 
 FIX = "give the pools fewer actors"
 TINY_POOLS = "\n".join(f"{s}: {{actors: 1, cpus: 0.25}}" for s in
@@ -89,15 +90,9 @@ print("held", flush=True)
 """
 
 
-def test_a_wait_for_resources_is_shown_and_sigterm_stops_the_job_as_ctrl_c_does(local_cluster, tmp_path,
-                                                                                   tiny_preset_file):
-    """Another job holds the head's two CPUs: the pools fit the cluster, but not now. The job says what it waits
-    for; SIGTERM (ray job stop, Kubernetes) then stops it with the manifest written, one line, exit 143."""
-    cluster = local_cluster(num_cpus=2)
-    held = subprocess.run([sys.executable, "-c", HOLD, cluster.address], capture_output=True, text=True, timeout=120)
-    assert "held" in held.stdout, held.stderr
-    proc = subprocess.Popen(_batch(cluster, tmp_path, TINY_POOLS, tiny_preset_file), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _wait_then_sigterm(cmd: list[str]) -> tuple[str, str]:
+    """Run ``cmd`` until it says what it waits for, then SIGTERM it: (the waiting line, the rest of stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -107,20 +102,50 @@ def test_a_wait_for_resources_is_shown_and_sigterm_stops_the_job_as_ctrl_c_does(
         lines.append(line.rstrip())
         if line.startswith("waiting for resources: "):
             break
-    wait = lines[-1]
-    assert wait.startswith("waiting for resources: "), lines
-    for stage in ("clip", "prior", "writer"):
-        assert f"{stage} 1 actor (0.25 CPU each)" in wait
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
+    assert lines and lines[-1].startswith("waiting for resources: "), lines + [err]
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "SIGTERM received" not in err
+    return lines[-1], err
+
+
+def test_a_wait_for_resources_is_shown_and_sigterm_stops_batch_and_training_as_ctrl_c_does(local_cluster, tmp_path,
+                                                                                          tiny_preset_file):
+    """Another job holds the head's two CPUs: what the commands ask for fits the cluster, but not now. Each says
+    what it waits for; SIGTERM (ray job stop, Kubernetes) then stops it as Ctrl-C does: one line, exit 143, the
+    batch job's manifest written."""
+    cluster = local_cluster(num_cpus=2)
+    held = subprocess.run([sys.executable, "-c", HOLD, cluster.address], capture_output=True, text=True, timeout=120)
+    assert "held" in held.stdout, held.stderr
+    wait, err = _wait_then_sigterm(_batch(cluster, tmp_path, TINY_POOLS, tiny_preset_file))
+    for stage in ("clip", "prior", "writer"):
+        assert f"{stage} 1 actor (0.25 CPU each)" in wait
     assert err.strip().splitlines()[-1].startswith("mav: stopped by SIGTERM; finished videos are kept")
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
     assert rows and {r["status"] for r in rows} == {"pending"}  # the rows admitted so far, none made
+
+    synth(str(tmp_path / "shapes"), images=8, videos=0, size=32, seed=1)
+    (tmp_path / "train.yaml").write_text("max_steps: 4\nbatch_size: 2\ncache_data: false\n")
+    wait, err = _wait_then_sigterm([sys.executable, "-m", "workflows.cli", "train", "sr-high", "--data",
+                                    str(tmp_path / "shapes"), "--output", str(tmp_path / "model"), "--preset",
+                                    tiny_preset_file, "--config", str(tmp_path / "train.yaml"), "--address",
+                                    cluster.address])
+    assert wait == "waiting for resources: training workers 1 x (1 CPU each)"
+    assert err.strip().splitlines()[-1].startswith("mav: stopped by SIGTERM; the run's checkpoints are kept under ")
 
 
 def test_pinning_pools_is_plain_resources(tmp_path):
     pools = parse_pools("sr_high: {actors: 1, cpus: 1, resources: {node_type_gpu: 0.01}}")
     need = {n.stage: n for n in pool_needs(pools, use_gpus=False)}["sr_high"]
     assert need.each == {"CPU": 1.0, "GPU": 0.0, "node_type_gpu": 0.01}
+
+
+def test_a_wait_is_said_when_it_starts_changes_and_every_few_seconds_and_its_end_once():
+    pending = ["", "decoder 1 actor", "decoder 1 actor", "decoder 1 actor", "decoder 1 actor", "", ""]
+    shown = []
+    with WaitWatch(lambda: pending.pop(0) if len(pending) > 1 else pending[0], shown.append, every=0.05, poll=0.03):
+        time.sleep(0.6)
+    assert shown[0] == "waiting for resources: decoder 1 actor"
+    assert shown.count("waiting for resources: decoder 1 actor") >= 2  # said again while it lasts
+    assert shown[-1] is None and shown.count(None) == 1
