@@ -268,8 +268,8 @@ class LatteConfig:
 
     variant: int = 1                  # 1 spatial and temporal blocks interleaved, 2 all spatial then all temporal,
                                       # 3 spatial then temporal attention in one block, 4 heads split: half space, half time
-    width: int = 64                   # token width D
-    depth: int = 2                    # spatial blocks; variants 1 and 2 add as many temporal blocks (Latte's layers: 2·depth)
+    width: int = 96                   # token width D (96 and depth 3: about the parameters of the default UNetConfig)
+    depth: int = 3                    # spatial blocks; variants 1 and 2 add as many temporal blocks (Latte's layers: 2·depth)
     heads: int = 4                    # attention heads of every block (variant 4: half over space, half over time)
     mlp_ratio: float = 4.0            # MLP hidden width / D
     patch_size: int = 2               # pixels per patch side

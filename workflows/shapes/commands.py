@@ -2,6 +2,7 @@
 
     mav data synth --out s3://bucket/shapes --images 2000 --videos 200
     mav recipe shapes --output models/shapes
+    mav recipe shapes --output models/shapes-latte3 --decoder-backbone latte --latte-variant 3 --joint-images 4
     mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/shapes
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 import sys
 
 from stages.checkpoint import load_bundle_config, load_stage_config
-from stages.config import FRAME_STAGES
+from stages.config import BACKBONES, CONDITIONINGS, FRAME_STAGES, PATCH_EMBEDDINGS, TEMPORAL_POSITIONS, ConfigError
 from stages.errors import UserError
 from stages.fsio import join
 from workflows.errors import EXIT_USAGE, CliError
@@ -22,6 +23,11 @@ from workflows.shapes import evaluate, recipe
 from workflows.shapes.data import synth
 from workflows.shapes.world import SPEED, check_speed, parse_holdout
 from workflows.train import cpus_needed
+
+# The Latte settings `mav recipe` takes on its command line: (flag, LatteConfig field, type, choices).
+LATTE_FLAGS = (("variant", "variant", int, (1, 2, 3, 4)), ("patch-embedding", "patch_embedding", str, PATCH_EMBEDDINGS),
+               ("conditioning", "conditioning", str, CONDITIONINGS),
+               ("temporal-position", "temporal_position", str, TEMPORAL_POSITIONS))
 
 
 def add_parsers(sub) -> None:
@@ -38,6 +44,13 @@ def add_parsers(sub) -> None:
     rec.add_argument("--cpus-per-worker", type=float,
                      help="CPUs per worker, also its thread count (default: the recipe's)")
     rec.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    rec.add_argument("--decoder-backbone", choices=BACKBONES,
+                     help="D^t's and ↑F's network (default: the preset's); latte: sized by the preset's decoder.latte")
+    for flag, field_name, kind, choices in LATTE_FLAGS:
+        rec.add_argument(f"--latte-{flag}", type=kind, choices=choices,
+                         help=f"with --decoder-backbone latte: the Latte's {field_name} (stages.config.LatteConfig)")
+    rec.add_argument("--joint-images", type=int, metavar="N",
+                     help="decoder-video: N still images from the image data trained beside every clip")
     rec.set_defaults(func=cmd_recipe)
 
     ev = sub.add_parser("eval", help="generate from prompts and measure text fidelity and temporal coherence")
@@ -92,6 +105,7 @@ def cmd_recipe(args) -> int:
                                        ("cpus_per_worker", args.cpus_per_worker)) if v is not None}
         rc = dataclasses.replace(rc, **overrides)
         load_preset(rc.preset)
+        rc = _with_backbone(rc, args)
     except UserError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     init_ray(args.address, cpus_needed(rc.workers, rc.cpus_per_worker), log_to_driver=True)
@@ -103,6 +117,23 @@ def cmd_recipe(args) -> int:
         return 130
     print("\n".join(["[recipe] seconds per step:", *recipe.summary_lines(state)]), file=sys.stderr)
     return 0
+
+
+def _with_backbone(rc: recipe.RecipeConfig, args) -> recipe.RecipeConfig:
+    """``rc`` with the command line's --decoder-backbone, --latte-* and --joint-images."""
+    latte = {name: getattr(args, f"latte_{name}") for _, name, _, _ in LATTE_FLAGS
+             if getattr(args, f"latte_{name}") is not None}
+    backbone = args.decoder_backbone or rc.backbone
+    if latte and backbone != "latte":
+        raise ConfigError("the --latte-* flags need --decoder-backbone latte")
+    if backbone is not None:
+        base = rc.latte or load_preset(rc.preset).decoder.latte
+        rc = dataclasses.replace(rc, backbone=backbone,
+                                 latte=dataclasses.replace(base, **latte) if backbone == "latte" else None)
+    if args.joint_images is not None:
+        video = dataclasses.replace(rc.stages["decoder-video"], joint_images=args.joint_images)
+        rc = dataclasses.replace(rc, stages={**rc.stages, "decoder-video": video})
+    return rc
 
 
 def cmd_eval(args) -> int:

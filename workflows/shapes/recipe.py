@@ -3,6 +3,7 @@
     mav recipe shapes --output models/shapes                      # the full recipe (cluster/recipes/shapes.yaml)
     mav recipe shapes --output /tmp/shapes-smoke --size smoke     # the same steps in a few minutes (CI)
     mav eval --checkpoint models/shapes --prompts cluster/recipes/shapes-eval.jsonl --out eval/shapes
+    mav recipe shapes --output models/shapes-latte3 --decoder-backbone latte --latte-variant 3   # D^t, ↑F: Latte
 
 The steps, in Make-A-Video's order (Sec. 3.4):
 
@@ -19,6 +20,8 @@ plus ``_image/`` (the baseline's stages), ``_train/`` (``mav train``'s run state
 (the synthetic data, unless ``--data`` puts it elsewhere) and ``_recipe/recipe.json`` (the settings, the
 held-out pairs, and each step's seconds and final loss). Rerunning the same command continues an
 interrupted recipe: finished steps are skipped, an interrupted stage resumes from its last checkpoint.
+A recipe whose ``backbone`` differs from its preset's trains from the preset with D^t's and ↑F's network
+replaced, written to ``_recipe/preset.yaml``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from stages.checkpoint import load_stage, save_stage
-from stages.config import ConfigError, from_dict, to_dict
+from stages.config import BACKBONES, ConfigError, LatteConfig, dump_yaml, from_dict, to_dict
 from stages.fsio import join, read_bytes, read_yaml_mapping, write_bytes_atomic
 from stages.training import TRAINING_STAGES, TrainConfig
 from workflows.presets import load_preset
@@ -44,6 +47,7 @@ IMAGE_DIR = "_image"        # the image-trained stages that video fine-tuning re
 IMAGE_STAGES = ("decoder", "sr_low")
 DATA_DIR = "_data"
 STATE_FILE = join("_recipe", "recipe.json")
+PRESET_FILE = join("_recipe", "preset.yaml")  # the preset with the recipe's backbone, when it chooses one
 SIZES = ("full", "smoke")
 
 
@@ -71,8 +75,14 @@ class RecipeConfig:
     workers: int = 1                # Ray Train workers per stage
     cpus_per_worker: float = 2.0    # also each worker's torch thread count
     stages: dict = field(default_factory=dict)  # training stage -> TrainConfig (YAML: defaults under ``train``)
+    backbone: str | None = None     # D^t's and ↑F's network, unet or latte (None: the preset's)
+    latte: LatteConfig | None = None  # with backbone latte: their Latte (None: the preset's decoder.latte)
 
     def __post_init__(self) -> None:
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}")
+        if self.latte is not None and self.backbone != "latte":
+            raise ConfigError("latte sizes a Latte backbone: set backbone to latte, or drop latte")
         try:
             parse_holdout(self.holdout)
         except ValueError as e:
@@ -87,6 +97,9 @@ class RecipeConfig:
         out = to_dict(dataclasses.replace(self, stages={}))
         for where_it_runs in ("workers", "cpus_per_worker"):
             del out[where_it_runs]
+        for chosen_by_the_preset in ("backbone", "latte"):  # recorded where the recipe chooses them
+            if out[chosen_by_the_preset] is None:
+                del out[chosen_by_the_preset]
         out["stages"] = {s: to_dict(c) for s, c in self.stages.items()}
         return out
 
@@ -144,6 +157,19 @@ def _keep_image_stages(output: str) -> None:
         save_stage(join(output, IMAGE_DIR), name, cfg, net)
 
 
+def stage_preset(recipe: RecipeConfig, output: str) -> str:
+    """The preset the recipe's stages train from: its preset, or, where the recipe chooses D^t's and ↑F's
+    backbone, that preset with their networks replaced, written to ``OUTPUT/_recipe/preset.yaml``."""
+    if recipe.backbone is None:
+        return recipe.preset
+    preset = load_preset(recipe.preset)
+    network = {"backbone": recipe.backbone, "latte": recipe.latte or preset.decoder.latte}
+    preset = dataclasses.replace(preset, decoder=dataclasses.replace(preset.decoder, **network),
+                                 interpolation=dataclasses.replace(preset.interpolation, **network))
+    write_bytes_atomic(join(output, PRESET_FILE), dump_yaml(preset).encode())
+    return join(output, PRESET_FILE)
+
+
 def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, log=None) -> dict:
     """Synthesise the data and train every stage of ``recipe`` into the bundle ``output``, on the connected
     Ray cluster; returns the recipe state (as written to recipe.json).
@@ -163,6 +189,7 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
         raise ConfigError(f"{output} holds a recipe run with other settings or data ({join(output, STATE_FILE)}): "
                           f"choose another --output")
     steps = state["steps"]
+    preset = stage_preset(recipe, output)
     start = time.perf_counter()
     if "synth" not in steps:
         log(f"[recipe] synth: {recipe.data.images} captioned images, {recipe.data.videos} videos -> {data}")
@@ -181,7 +208,7 @@ def run_recipe(recipe: RecipeConfig, output: str, *, data: str | None = None, lo
             log(f"[recipe] {stage}: done in an earlier run, skipped")
             continue
         cfg = recipe.stages[stage]
-        job = TrainJob(stage=stage, data=(data,), output=output, config=cfg, preset=recipe.preset,
+        job = TrainJob(stage=stage, data=(data,), output=output, config=cfg, preset=preset,
                        init=output if TRAINING_STAGES[stage].init else None, workers=recipe.workers,
                        cpus_per_worker=recipe.cpus_per_worker)
         resume = has_run(job)

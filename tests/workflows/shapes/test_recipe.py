@@ -9,6 +9,7 @@ import pytest
 
 from stages.checkpoint import load_bundle_config, load_stage_config
 from stages.config import ConfigError
+from workflows.presets import load_preset
 from workflows.shapes import recipe
 from workflows.shapes.world import parse_holdout
 
@@ -66,3 +67,25 @@ def test_recipe_files_are_checked(tmp_path):
         recipe.recipe_path("spheres")
     full = recipe.load_recipe(recipe.recipe_path("shapes"))
     assert full.holdout == HELD and full.stages["decoder-video"].frames == 16
+
+
+def test_the_command_line_chooses_the_video_stages_backbone(tmp_path):
+    from workflows.cli import build_parser
+    from workflows.shapes.commands import _with_backbone
+
+    args = build_parser().parse_args(["recipe", "shapes", "--output", "o", "--decoder-backbone", "latte",
+                                      "--latte-variant", "3", "--latte-patch-embedding", "tubelet",
+                                      "--joint-images", "4"])
+    rc = _with_backbone(smoke_recipe(), args)
+    assert rc.backbone == "latte" and rc.latte.variant == 3 and rc.latte.patch_embedding == "tubelet"
+    assert rc.stages["decoder-video"].joint_images == 4 and rc.stages["decoder"].joint_images == 0
+    assert rc.settings()["latte"]["variant"] == 3
+    assert "backbone" not in smoke_recipe().settings()  # the recipes run before the choice keep their settings
+    preset = load_preset(recipe.stage_preset(rc, str(tmp_path)))
+    for stage in (preset.decoder, preset.interpolation):
+        assert stage.backbone == "latte" and stage.latte == rc.latte
+    assert preset.sr_low == load_preset("shapes").sr_low
+    assert recipe.stage_preset(smoke_recipe(), str(tmp_path)) == "shapes"
+    unet_args = build_parser().parse_args(["recipe", "shapes", "--output", "o", "--latte-variant", "2"])
+    with pytest.raises(ConfigError, match="need --decoder-backbone latte"):
+        _with_backbone(smoke_recipe(), unet_args)
