@@ -29,10 +29,29 @@ def stage_generators(seeds: Sequence[int], stage: str, device: torch.device | st
     return gens
 
 
+def on_device(generator: torch.Generator, device) -> torch.Generator:
+    """A generator that draws on ``device``: ``generator`` itself where it does, else a generator of that
+    device seeded by one draw from ``generator`` (which advances it, so successive calls differ).
+
+    Noise is then made where it is used, never copied from the CPU. A seed gives the same noise wherever the
+    device type is the same: on the CPU the draws are those of ``generator`` itself, bit for bit; CUDA's
+    Philox stream is the same on every GPU of one model and PyTorch version (GPUs with other multiprocessor
+    counts may split large draws differently), and is not the CPU's stream.
+    """
+    device = torch.device(device)
+    here = generator.device
+    if device.type == here.type and (device.index is None or device.index == here.index):
+        return generator
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """``len(generators) x shape`` standard normal noise, one generator per sample."""
+    """``len(generators) x shape`` standard normal noise, one generator per sample, drawn on ``device``
+    (:func:`on_device`) in float32."""
     return torch.stack(
-        [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+        [torch.randn(tuple(shape), generator=gen, device=gen.device, dtype=torch.float32)
+         for gen in (on_device(g, device) for g in generators)]
     ).to(device=device, dtype=dtype)
 
 
@@ -67,12 +86,14 @@ def frame_noise(shape: Sequence[int], generators: Sequence[torch.Generator], dev
 
 def training_noise(x0: torch.Tensor, generator: torch.Generator | None = None, *, shared: float = 0.0) -> torch.Tensor:
     """ε for a training batch ``x0``: for clips ``b c f h w`` with f > 1 the mixed noise of ρ = ``shared``
-    (a common part drawn once per clip), otherwise plain N(0, I). Drawn on the CPU generator, then moved."""
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+    (a common part drawn once per clip), otherwise plain N(0, I). Drawn on ``x0``'s device (:func:`on_device`;
+    without a generator, the global one of that device)."""
+    gen = on_device(generator, x0.device) if generator is not None else None
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device).to(x0.dtype)
     if not shared or x0.ndim != 5 or x0.shape[2] < 2:
         return noise
     b, c, _, h, w = x0.shape
-    common = torch.randn((b, c, 1, h, w), generator=generator, device="cpu").to(x0.device, x0.dtype)
+    common = torch.randn((b, c, 1, h, w), generator=gen, device=x0.device).to(x0.dtype)
     return mix_frame_noise(noise, common, shared)
 
 

@@ -37,7 +37,13 @@ class FrameContext:
 
 
 class PseudoConv3d(nn.Module):
-    """Conv_2D on every frame, then Conv_1D over frames at every pixel (eq. 2)."""
+    """Conv_2D on every frame, then Conv_1D over frames at every pixel (eq. 2).
+
+    The 1D conv runs as a ``(k, 1, 1)`` Conv3d on a view of the ``(b f) c h w`` activation as ``b c f h w``:
+    no rearrangement to ``(b h w) c f`` and back. On channels-last memory (``(b f) h w c``, which is
+    channels-last-3d for ``b c f h w``) neither the view nor the result is copied. Its weight keeps the
+    Conv1d's shape ``c c k`` and name, so checkpoints of either layout load unchanged.
+    """
 
     def __init__(self, spatial: nn.Conv2d, context: FrameContext, kernel: int = 3) -> None:
         super().__init__()
@@ -53,10 +59,10 @@ class PseudoConv3d(nn.Module):
         x = self.spatial(x, *args, **kwargs)
         if not self.context.active:
             return x
-        h, w = x.shape[-2:]
-        x = rearrange(x, "(b f) c h w -> (b h w) c f", f=self.context.frames)
-        y = self.temporal_conv(x)
-        return rearrange(y, "(b h w) c f -> (b f) c h w", h=h, w=w)
+        conv = self.temporal_conv
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=self.context.frames)
+        y = F.conv3d(video, conv.weight[..., None, None], conv.bias, padding=(conv.padding[0], 0, 0))
+        return rearrange(y, "b c f h w -> (b f) c h w")
 
 
 def frame_positions(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -117,3 +117,23 @@ def test_motion_guidance_is_refused_where_frames_share_no_noise_or_the_batch_doe
     off = torch.full((1, 2), float("nan"))
     assert torch.equal(frame_noise(shape, stage_generators([0], "d"), "cpu", motion=off),
                        frame_noise(shape, stage_generators([0], "d"), "cpu"))
+
+
+def test_noise_drawn_on_the_cpu_is_the_seeds_own_stream_bit_for_bit():
+    """On the CPU a stage's noise is torch.randn of the generator seeded from (seed, stage), as it always was:
+    videos made on the CPU keep their bytes. A generator of another device is seeded by one draw from the
+    given one, which then moves on."""
+    import hashlib
+
+    from stages.noise import on_device
+
+    digest = hashlib.sha256(b"7:decoder").digest()
+    own = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    assert torch.equal(randn((3, 5), stage_generators([7], "decoder"), "cpu")[0], torch.randn(3, 5, generator=own))
+    g = torch.Generator().manual_seed(0)
+    assert on_device(g, "cpu") is g and on_device(g, torch.device("cpu")) is g
+    state = g.get_state()
+    clip = torch.zeros(2, 3, 4, 8, 8)
+    assert torch.equal(training_noise(clip, torch.Generator().manual_seed(0)),
+                       torch.randn(clip.shape, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(g.get_state(), state)

@@ -145,3 +145,35 @@ def test_widen_input_preserves_function():
         ref = net(x, t, **kw)
         out = wide(x, t, cond_frames=torch.randn(1, 4, 3, 16, 16), **kw)
     assert (out - ref).abs().max() < 1e-6
+
+
+def _temporal_conv_as_conv1d(layer: PseudoConv3d, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The temporal conv in its first layout: every pixel's frames as a Conv1d sequence, ``(b h w) c f``."""
+    h, w = x.shape[-2:]
+    seq = rearrange(layer.spatial(x), "(b f) c h w -> (b h w) c f", f=frames)
+    return rearrange(layer.temporal_conv(seq), "(b h w) c f -> (b f) c h w", h=h, w=w)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_temporal_conv_as_conv3d_equals_the_conv1d_layout(channels_last):
+    """The (k, 1, 1) Conv3d on the ``b c f h w`` view computes the Conv1d over ``(b h w) c f`` (within round-off),
+    from the same parameters; on channels-last memory its result is channels-last, with no copy to undo."""
+    from stages.temporal import FrameContext
+
+    torch.manual_seed(0)
+    context = FrameContext()
+    context.frames = 5
+    layer = PseudoConv3d(torch.nn.Conv2d(6, 8, 3, padding=1), context, kernel=3).eval()
+    _perturb(layer, 4)
+    x = torch.randn(2 * 5, 6, 7, 9)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = layer(x)
+        ref = _temporal_conv_as_conv1d(layer, x, 5)
+    assert (out - ref).abs().max() < 1e-5
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    # the state dict is the Conv1d's: same names and shapes, so bundles saved before load as they are
+    assert layer.state_dict()["temporal_conv.weight"].shape == (8, 8, 3)
