@@ -11,15 +11,20 @@ import argparse
 import functools
 import logging
 import os
-import signal
 import sys
 import time
 
-from stages.config import STAGE_NAMES
-from workflows.errors import EXIT_FAILED, CliError
+from workflows.errors import EXIT_FAILED, CliError, sigterm_as_interrupt
 from workflows.presets import DEFAULT_MODEL, choose_model
 from workflows.resources import WaitWatch, check_cluster, print_waits, replica_needs, waiting_replicas
-from workflows.serve.config import DEPLOYMENTS, cpus_needed, fit_to_cluster, load_serve_config, parse_app_args
+from workflows.serve.config import (
+    CPU_DEPLOYMENTS,
+    DEPLOYMENTS,
+    cpus_needed,
+    fit_to_cluster,
+    load_serve_config,
+    parse_app_args,
+)
 from workflows.serve.middleware import API_KEY_ENV
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -66,36 +71,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides, notices = fit_to_cluster(config.overrides, ray.cluster_resources())
     for notice in notices:
         print(f"notice: {notice}", file=sys.stderr)
-    check_cluster(replica_needs(overrides, {name: 1.0 if name in STAGE_NAMES else 0.0 for name in DEPLOYMENTS}),
+    check_cluster(replica_needs(overrides, {name: 1.0 if name in CPU_DEPLOYMENTS else 0.0 for name in DEPLOYMENTS}),
                   what="the Serve deployments", fix="ask for fewer replicas or fractional num_cpus in the Serve config")
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        print(f"deploying {config.name} ({checkpoint or 'fresh weights of preset ' + preset}); loading the stages...",
-              file=sys.stderr)
-        with WaitWatch(functools.partial(waiting_replicas, config.name), print_waits()):
-            url = run_local(spec, overrides, host=host, port=port, name=config.name,
-                            route_prefix=config.route_prefix,
-                            http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
-        print(f"serving on {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("mav: stopping...", file=sys.stderr)
-    finally:
+    dropped = 0
+    with sigterm_as_interrupt() as stop:  # ray job stop, Kubernetes, a process manager: stop as on Ctrl-C
         try:
-            if local:
-                serve.shutdown()
-                ray.shutdown()
-            else:
-                serve.delete(config.name)
-        except Exception as e:  # already gone: nothing left to stop
-            print(f"mav: while stopping: {type(e).__name__}: {e}", file=sys.stderr)
-    print("mav: stopped", file=sys.stderr)
-    return 0
+            print(f"deploying {config.name} ({checkpoint or 'fresh weights of preset ' + preset}); "
+                  "loading the stages...", file=sys.stderr)
+            with WaitWatch(functools.partial(waiting_replicas, config.name), print_waits()):
+                url = run_local(spec, overrides, host=host, port=port, name=config.name,
+                                route_prefix=config.route_prefix,
+                                http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
+            print(f"serving on {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            if not stop.terminated:
+                print("mav: stopping...", file=sys.stderr)
+            dropped = _active_jobs(config.name)
+        finally:
+            try:  # the HTTP proxy goes first: no request is admitted from here on
+                if local:
+                    serve.shutdown()
+                    ray.shutdown()
+                else:
+                    serve.delete(config.name)
+            except Exception as e:  # already gone: nothing left to stop
+                print(f"mav: while stopping: {type(e).__name__}: {e}", file=sys.stderr)
+    what, status = stop.status()
+    if not stop.terminated:
+        print("mav: stopped", file=sys.stderr)
+        return 0
+    lost = f"; {dropped} job(s) queued or running were dropped" if dropped else ""
+    print(f"mav: {what}: stopped serving{lost}", file=sys.stderr)
+    return status
+
+
+def _active_jobs(app_name: str) -> int:
+    """Jobs queued or running in the application's job table (0 when it cannot be asked)."""
+    from ray import serve
+
+    try:
+        return int(serve.get_deployment_handle("jobs", app_name=app_name).ready.remote().result(timeout_s=5)["active"])
+    except Exception:
+        return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
