@@ -60,9 +60,13 @@ def test_killed_actor_is_replaced_and_rows_produced_exactly_once(ray_session, tm
         for k, x in zip(c.batch[ROW_KEY], c.batch["x"]):
             assert int(k) not in out
             out[int(k)] = int(x)
+    stats = {s.name: s for s in executor.snapshot()}
     executor.shutdown()
     assert (tmp_path / "died").exists()
     assert out == {i: (i + 1) * 10 for i in range(20)}
+    assert (stats["die"].actors_lost, stats["add"].actors_lost, stats["collect"].actors_lost) == (1, 0, 0)
+    assert stats["die"].rows_retried >= 3  # at least the batch holding row 5, re-run on the replacement
+    assert stats["add"].rows_retried == stats["collect"].rows_retried == 0
     logged = [int(line) for line in (tmp_path / "log").read_text().split()]
     assert sorted(logged) == list(range(20))  # the last stage saw every row exactly once
 
