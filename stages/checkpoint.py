@@ -1,7 +1,8 @@
 """Checkpoints: one directory per stage, ``config.yaml`` + ``model.safetensors`` (+ ``unet2d.json``).
 
 A bundle is a directory holding one such directory per stage (clip, prior, decoder, interpolation,
-sr_low, sr_high). Any fsspec URL works: a local path, ``s3://bucket/prefix``, ``memory://``.
+sr_low, sr_high). A stage directory may instead hold only ``reference.yaml`` (``bundle: URL``): the stage
+is then that bundle's, read from there, so a bundle that changes one stage (mav tune) copies no other weights. Any fsspec URL works: a local path, ``s3://bucket/prefix``, ``memory://``.
 Weights are safetensors only: nothing is ever unpickled.
 """
 
@@ -12,16 +13,19 @@ import json
 import fsspec
 import safetensors.torch
 import torch
+import yaml
 from torch import nn
 
 from stages.cascade import build_stage
 from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
 from stages.errors import UserError
-from stages.fsio import join, read_bytes, write_bytes_atomic
+from stages.fsio import absolute, join, parse_yaml_mapping, read_bytes, write_bytes_atomic
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 UNET2D_FILE = "unet2d.json"
+REFERENCE_FILE = "reference.yaml"
+MAX_REFERENCES = 8  # references followed from one bundle before giving up (a loop)
 
 
 class CheckpointError(UserError):
@@ -50,10 +54,43 @@ def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
     return directory
 
 
+def save_reference(url: str, name: str, bundle: str) -> str:
+    """Make stage ``name`` of bundle ``url`` the same stage of ``bundle`` (a relative local path is made
+    absolute); returns the reference's URL."""
+    path = join(url, name, REFERENCE_FILE)
+    try:
+        write_bytes_atomic(path, yaml.safe_dump({"bundle": absolute(bundle)}).encode())
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {url}: {path}: {e}") from None
+    return path
+
+
+def stage_source(url: str, name: str) -> str:
+    """The bundle holding stage ``name`` of bundle ``url``: ``url`` itself, or where its references lead."""
+    seen = [url]
+    while True:
+        path = join(url, name, REFERENCE_FILE)
+        try:
+            text = read_bytes(path).decode()
+        except FileNotFoundError:
+            return url
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read checkpoint {seen[0]}: {path}: {e}") from None
+        target = parse_yaml_mapping(text, path, CheckpointError).get("bundle")
+        if not isinstance(target, str) or not target:
+            raise CheckpointError(f"cannot read checkpoint {seen[0]}: {path} must say 'bundle: URL'")
+        if target in seen or len(seen) > MAX_REFERENCES:
+            raise CheckpointError(f"cannot read checkpoint {seen[0]}: the {name} stage's references loop "
+                                  f"({' -> '.join(seen + [target])})")
+        seen.append(target)
+        url = target
+
+
 def load_stage_config(url: str, name: str):
-    """The config of stage ``name`` in bundle ``url``."""
+    """The config of stage ``name`` in bundle ``url`` (following a reference to another bundle)."""
     if name not in STAGE_NAMES:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+    url = stage_source(url, name)
     path = join(url, name, CONFIG_FILE)
     try:
         text = read_bytes(path).decode()
@@ -79,7 +116,8 @@ def _unet2d_from_json(text: str) -> nn.Module:
 
 
 def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tuple[object, nn.Module]:
-    """(config, network) of stage ``name`` from bundle ``url``, weights loaded strictly."""
+    """(config, network) of stage ``name`` from bundle ``url`` (following a reference), weights loaded strictly."""
+    url = stage_source(url, name) if name in STAGE_NAMES else url
     cfg = load_stage_config(url, name)
     directory = join(url, name)
     unet2d = None

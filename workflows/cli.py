@@ -10,24 +10,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import posixpath
 import random
 import sys
 import time
 import warnings
 
 from stages.errors import UserError
-from stages.fsio import is_local, join, write_bytes_atomic
-from workflows import plan_pools, serve, shapes, train
+from workflows import plan_pools, serve, shapes, train, tune
 from workflows.batch import JobSpec, run_job
 from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError, sigterm_as_interrupt
-from workflows.outputs import check_writable, safe_name
+from workflows.outputs import check_writable, video_paths, write_videos
 from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED, Pipeline, Request
 from workflows.pools import load_pools
 from workflows.presets import DEFAULT_MODEL, choose_model
 from workflows.progress import RowBars, StageBars
 from workflows.ray_cluster import init_ray
-from workflows.video import encode_mp4
 
 
 def _quiet_libraries() -> None:
@@ -35,15 +32,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("diffusers", "torch", "ray", "fsspec", "s3fs", "botocore"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _outputs(out: str, prompts: list[str]) -> list[str]:
-    single_file = out.lower().endswith(".mp4")
-    if len(prompts) == 1 and single_file:
-        return [out]
-    if single_file:
-        raise CliError(f"--out {out}: several prompts need a directory, not an .mp4 file")
-    return [join(out, f"{i:03d}-{safe_name(p)}.mp4") for i, p in enumerate(prompts)]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -64,12 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--{e}") from None
     checkpoint, preset = choose_model(args.checkpoint, args.preset)
 
-    paths = _outputs(args.out, prompts)
-    for directory in dict.fromkeys(os.path.dirname(p) if is_local(p) else posixpath.dirname(p) for p in paths):
-        try:
-            check_writable(directory or ".")
-        except Exception as e:  # any filesystem's refusal: permissions, missing bucket, credentials
-            raise CliError(f"cannot write to {args.out}: {e}") from None
+    paths = video_paths(args.out, prompts)
 
     start = time.perf_counter()
     pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=StageBars())
@@ -82,15 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     videos = []
     for i in range(0, len(requests), args.batch_size):
         videos += pipe.generate(requests[i : i + args.batch_size])
-    for path, video, prompt in zip(paths, videos, prompts):
-        if video.truncated:
-            print(f"warning: prompt longer than the text encoder's context was cut: {prompt[:60]!r}...", file=sys.stderr)
-        try:
-            write_bytes_atomic(path, encode_mp4(video.frames, video.fps))
-        except Exception as e:
-            raise CliError(f"cannot write {path}: {e}", EXIT_FAILED) from None
-        _, f, h, w = video.frames.shape
-        print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps:g} fps)", file=sys.stderr)
+    write_videos(paths, videos, prompts)
     print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0
 
@@ -174,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     train.add_parsers(sub)
     shapes.add_parsers(sub)  # recipe, eval, data synth
+    tune.add_parsers(sub)  # tune, edit
     plan_pools.add_parser(sub)
     return parser
 

@@ -21,6 +21,7 @@ import torch
 from stages import cascade
 from stages.checkpoint import load_stage
 from stages.config import STAGE_NAMES
+from stages.inversion import invert_keyframes, load_inversion
 from workflows import columns
 from workflows.presets import DEFAULT_PRESET, load_preset
 from workflows.video import from_uint8, to_uint8
@@ -127,9 +128,22 @@ class PriorRunner(StageRunner):
 
 
 class DecoderRunner(StageRunner):
-    """D^t: (y_e, fps) -> keyframes, uint8 ``b 3 frames size size``."""
+    """D^t: (y_e, fps) -> keyframes, uint8 ``b 3 frames size size``. A tuned bundle's D^t (``mav tune``) edits
+    its source video: it starts from the source's DDIM-inverted noise at the source's fps (``inversion``;
+    None: from the seeds' noise)."""
 
     stage = "decoder"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.inversion = load_inversion(kwargs["checkpoint"]) if kwargs.get("checkpoint") else None
+
+    def _inverted_noise(self, steps: int) -> torch.Tensor:
+        """The source's x_T for ``steps`` DDIM steps (inverted afresh for a step count it was not inverted at)."""
+        if steps != self.inversion.steps:
+            inv = self.inversion
+            self.inversion = invert_keyframes(self.net, self.cfg, inv.keyframes, inv.image_embeds, inv.fps, steps=steps)
+        return self.inversion.noise
 
     def run(self, batch, steps):
         guidance = np.asarray(batch["guidance"], dtype=np.float32)
@@ -138,16 +152,21 @@ class DecoderRunner(StageRunner):
         if motion is not None:
             motion = np.asarray(motion, dtype=np.float32).reshape(len(guidance), 2)
             motion = None if np.isnan(motion).all() else torch.from_numpy(motion)
+        fps, noise = torch.from_numpy(np.asarray(batch["fps"], dtype=np.float32)), None
+        if self.inversion is not None:
+            noise = self._inverted_noise(steps or self.cfg.diffusion.steps).expand(len(guidance), -1, -1, -1, -1)
+            fps = torch.full_like(fps, self.inversion.fps)
         video = cascade.decode(
             self.net,
             self.cfg,
             torch.from_numpy(batch["image_embeds"]),
-            torch.from_numpy(np.asarray(batch["fps"], dtype=np.float32)),
+            fps,
             _seeds(batch),
             steps=steps,
             guidance=torch.from_numpy(guidance),
             motion=motion,
             progress=self._progress,
+            noise=noise,
         )
         return {"video": to_uint8(video)}
 

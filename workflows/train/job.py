@@ -104,8 +104,9 @@ def _storage(job: TrainJob):
     return path, fs
 
 
-def run_training(job: TrainJob, *, resume: bool = False) -> dict:
-    """Train ``job.stage`` on the connected Ray cluster; returns the final metrics.
+def run_training(job: TrainJob, *, resume: bool = False, datasets: dict | None = None) -> dict:
+    """Train ``job.stage`` on the connected Ray cluster; returns the final metrics. ``datasets``: Ray Data
+    sets to train on in place of those read from ``job.data`` (``train``: one clip's rows, for mav tune).
 
     Raises ConfigError / CheckpointError / DataError for unusable arguments before training starts.
     """
@@ -115,7 +116,7 @@ def run_training(job: TrainJob, *, resume: bool = False) -> dict:
 
     check_job(job, resume=resume)
     DataContext.get_current().enable_progress_bars = False
-    datasets = _datasets(job)
+    datasets = datasets if datasets is not None else _datasets(job)
     storage_path, storage_fs = _storage(job)
     use_gpu = job.gpus_per_worker > 0
     resources = {"CPU": job.cpus_per_worker}

@@ -244,6 +244,10 @@ def _prepare(net: torch.nn.Module, job: TrainJob, device: torch.device):
     ema = training.EMA(net, job.config.ema_decay)
     if job.config.temporal_only:
         training.freeze_all_but_temporal(net)
+    trainable = job.trainable_parameters(net)
+    if trainable is not None:  # a job that names the parameters it trains (mav tune)
+        for name, p in net.named_parameters():
+            p.requires_grad_(name in trainable)
     opt = torch.optim.AdamW(param_groups(net, job), lr=job.config.lr, weight_decay=job.config.weight_decay)
     return net, ema, opt
 

@@ -48,6 +48,10 @@ class TrainJob:
     def run_dir(self) -> str:
         return join(self.output, TRAIN_DIR, self.stage)
 
+    def trainable_parameters(self, net) -> set[str] | None:
+        """Names of the only parameters of ``net`` to train; None: as the config says (``temporal_only``)."""
+        return None
+
     def initial_network(self):
         """(stage config, network) a fresh run starts from: built from the preset, or from ``init``."""
         spec = self.spec
