@@ -75,17 +75,30 @@ def shortfall(needs: list[Need], nodes: list[dict[str, float]], node_types: list
     """Why ``needs`` can never be met by ``nodes`` (each node's total resources) and, where an autoscaler is
     configured, the node types it may add (``node_types``); None if they can. ``what`` names the needs in
     the message (``the pools``), ``fix`` says how to ask for less (``give the pools fewer actors``)."""
-    candidates = nodes + (node_types or [])
-    auto = "" if node_types else " and no autoscaler adds nodes"
+    too_big = _too_big(needs, nodes + (node_types or []), autoscaled=bool(node_types), fix=fix)
+    if too_big is not None or node_types:  # with an autoscaler, the rest is a wait, shown while it lasts
+        return too_big
+    return _unplaceable(needs, nodes, what=what, fix=fix)
+
+
+def _too_big(needs: list[Need], candidates: list[dict[str, float]], *, autoscaled: bool, fix: str) -> str | None:
+    """The first need of which not even one actor fits any node (or node type)."""
     for need in needs:
-        if not any(_fits(need.each, n) for n in candidates):
-            short = next(k for k, v in need.each.items() if v > 0 and not any(n.get(k, 0.0) + 1e-9 >= v for n in candidates))
-            most = max((n.get(short, 0.0) for n in candidates), default=0.0)
-            has = f"the most any has is {most:g}" if most else "none has any"
-            return (f"{need.stage}: one actor asks for {fmt(need.each)}, and no node{' or node type' if node_types else ''} "
-                    f"has {need.each[short]:g} {short} ({has}{auto}): {_fix(short, fix)}")
-    if node_types:  # an autoscaler may add nodes: the rest is a wait, shown while it lasts
-        return None
+        if any(_fits(need.each, n) for n in candidates):
+            continue
+        short = next(k for k, v in need.each.items() if v > 0 and not any(n.get(k, 0.0) + 1e-9 >= v for n in candidates))
+        most = max((n.get(short, 0.0) for n in candidates), default=0.0)
+        has = f"the most any has is {most:g}" if most else "none has any"
+        where = "no node or node type" if autoscaled else "no node"
+        auto = "" if autoscaled else " and no autoscaler adds nodes"
+        return (f"{need.stage}: one actor asks for {fmt(need.each)}, and {where} has {need.each[short]:g} {short} "
+                f"({has}{auto}): {_fix(short, fix)}")
+    return None
+
+
+def _unplaceable(needs: list[Need], nodes: list[dict[str, float]], *, what: str, fix: str) -> str | None:
+    """The first need whose actors cannot all be placed on the nodes with the others (first fit in the given
+    order, and by size), the resource it runs out of and how far short the whole falls."""
     stuck = _pack(needs, nodes)
     if stuck is None or _pack(sorted(needs, key=lambda n: sorted(n.each.items()), reverse=True), nodes) is None:
         return None
@@ -93,16 +106,15 @@ def shortfall(needs: list[Need], nodes: list[dict[str, float]], node_types: list
     for need in needs:
         for k, v in need.each.items():
             total[k] += v * need.count
-    have: Counter[str] = Counter()
-    for n in nodes:
-        have.update({k: n.get(k, 0.0) for k in total})
-    over = [k for k in total if total[k] > have[k] + 1e-9]
-    short = next((k for k in over if stuck.each.get(k, 0) > 0), over[0] if over else next(k for k, v in stuck.each.items() if v > 0))
-    count = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+    have = Counter({k: sum(n.get(k, 0.0) for n in nodes) for k in total})
+    over = [k for k in total if total[k] > have[k] + 1e-9 and stuck.each.get(k, 0) > 0]
     if over:
-        detail = (f"{what} ask for {total[short]:g} {short} in all, the cluster's {count} "
-                  f"{'have' if len(nodes) != 1 else 'has'} {have[short]:g} and no autoscaler adds nodes")
+        short = over[0]
+        count = f"{len(nodes)} node{'s have' if len(nodes) != 1 else ' has'}"
+        detail = (f"{what} ask for {total[short]:g} {short} in all, the cluster's {count} {have[short]:g} "
+                  f"and no autoscaler adds nodes")
     else:
+        short = next(k for k, v in stuck.each.items() if v > 0)
         detail = f"no node has {fmt(stuck.each)} left once the others are placed, and no autoscaler adds nodes"
     return f"{stuck.stage} cannot be placed ({stuck.count} × {fmt(stuck.each)}): {detail}: {_fix(short, fix)}"
 
