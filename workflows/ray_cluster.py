@@ -23,5 +23,8 @@ def init_ray(address: str | None, cpus_needed: float = 0.0, *, log_to_driver: bo
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return False
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False, **kwargs)
+    # "local": a new instance even where another one on this machine wrote /tmp/ray/ray_current_cluster
+    # (``ray start``, ray.cluster_utils), which a bare ray.init() would join instead.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False,
+             **kwargs)
     return True

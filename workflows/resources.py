@@ -173,12 +173,28 @@ def replica_needs(overrides: dict[str, dict], default_cpus: dict[str, float]) ->
     return needs
 
 
+def anything_waits() -> bool:
+    """Whether any demand of the cluster waits for resources (the raylets' queued requests, as the
+    autoscaler reads them); True if Ray cannot say."""
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(ray._private.worker.global_worker.gcs_client)
+    except Exception:
+        return True
+    return bool(state.pending_resource_requests or state.pending_gang_resource_requests)
+
+
 def waiting_actors(label: Callable[[str], str | None]) -> Counter[str]:
-    """Actors of the cluster that wait for a node to hold them (created or restarting, no process yet),
-    counted by ``label(actor name)``; names it labels None are not counted. Empty if Ray cannot say."""
+    """Actors of the cluster that wait for a node to hold them (created or restarting, no process yet, while
+    some demand of the cluster waits for resources: an actor whose worker process is only starting does not
+    count), by ``label(actor name)``; names it labels None are not counted. Empty if Ray cannot say."""
     import ray._private.state
 
     counts: Counter[str] = Counter()
+    if not anything_waits():
+        return counts
     for state in ("PENDING_CREATION", "RESTARTING"):
         try:
             table = ray._private.state.actors(actor_state_name=state)

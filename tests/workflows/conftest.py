@@ -16,7 +16,8 @@ def ray_session(s3_server):
     # suite's many short training runs (a 2-step job: 17 s -> 13 s in fit); workers inherit this.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)  # "local": never a cluster another process started on this machine
     yield ray
     ray.shutdown()
 
