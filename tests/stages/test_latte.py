@@ -274,3 +274,14 @@ def test_joint_training_keeps_the_still_images_out_of_temporal_layers(preset_nam
     assert any(not torch.equal(a[n], b[n]) for n in a if n not in temporal)  # the spatial layers learn from them
     if preset_name == "tiny-latte":  # every temporal block saw the clips' four frames, never an image
         assert frames_seen and set(frames_seen) == {4}
+
+
+def test_bfloat16_autocast_runs_every_variant_close_to_float32():
+    x, cond = inputs(1, 4)
+    for variant in VARIANTS:
+        net = randomise(build(tiny(variant=variant, temporal_position="rope" if variant % 2 else "sincos")))
+        with torch.no_grad():
+            full = net(x, torch.tensor([300]), **cond)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = net(x, torch.tensor([300]), **cond)
+        assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), full, atol=0.1, rtol=0.05)
