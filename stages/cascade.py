@@ -35,7 +35,7 @@ def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = Non
         if name == "prior":
             return PriorNet(cfg, embed_dim=cfg.embed_dim, num_tokens=cfg.num_tokens)
         if name in ("decoder", "interpolation") and cfg.backbone == "latte":
-            return LatteVideo(cfg.latte, size=getattr(cfg, "size", 32), cond_channels=4 if name == "interpolation" else 0,
+            return LatteVideo(cfg.latte, cond_channels=4 if name == "interpolation" else 0,
                               image_embed_dim=cfg.image_embed_dim, context_tokens=cfg.context_tokens, fps_cond=True)
         if name in ("decoder", "interpolation"):
             return VideoUNet(
@@ -271,4 +271,3 @@ def super_resolve_frames(
 
         outs.append(sample(net, noise[idx], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress)[:n])
     return rearrange(torch.cat(outs), "(b f) c 1 h w -> b c f h w", b=b)
-

@@ -245,18 +245,18 @@ class TemporalBlock(nn.Module):
 
 class Patches(nn.Module):
     """Video ``b c f h w`` <-> tokens ``b F (h/p w/p) d``: per-frame p×p patches (diffusers' PatchEmbed, F = f)
-    or tubelets of k frames (a Conv3d, F = f / k); both add 2D sin-cos positions. An image (f = 1) is a
-    still clip of k frames to a tubelet embedding, and its k output frames are averaged back into one."""
+    or tubelets of k frames (a Conv3d, F = f / k); both add 2D sin-cos positions of the patch's row and
+    column, whatever the frame size. An image (f = 1) is a still clip of k frames to a tubelet embedding,
+    and its k output frames are averaged back into one."""
 
-    def __init__(self, cfg: LatteConfig, in_channels: int, out_channels: int, size: int) -> None:
+    def __init__(self, cfg: LatteConfig, in_channels: int, out_channels: int) -> None:
         super().__init__()
         from diffusers.models.embeddings import PatchEmbed
 
         p, k, d = cfg.patch_size, cfg.frames_per_token, cfg.width
         self.p, self.k, self.out_channels = p, k, out_channels
-        self.base = size // p
         if k == 1:
-            self.embed = PatchEmbed(height=size, width=size, patch_size=p, in_channels=in_channels, embed_dim=d)
+            self.embed = PatchEmbed(patch_size=p, in_channels=in_channels, embed_dim=d, pos_embed_type=None)
         else:
             self.embed = nn.Conv3d(in_channels, d, kernel_size=(k, p, p), stride=(k, p, p))
         self.out_dim = k * p * p * out_channels
@@ -268,21 +268,22 @@ class Patches(nn.Module):
 
     def embed_video(self, x: torch.Tensor) -> torch.Tensor:
         """``b c f h w`` -> ``b F n d``."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
         b, _, f, h, w = x.shape
         if h % self.p or w % self.p:
             raise ValueError(f"frames of {h}x{w} do not cut into {self.p}x{self.p} patches")
         if self.k == 1:
-            tokens = self.embed(rearrange(x, "b c f h w -> (b f) c h w"))
-            return rearrange(tokens, "(b f) n d -> b f n d", b=b)
-        if f == 1:
-            x = repeat(x, "b c 1 h w -> b c k h w", k=self.k)
-        elif f % self.k:
-            raise ValueError(f"{f} frames do not cut into tubelets of {self.k}")
-        from diffusers.models.embeddings import get_2d_sincos_pos_embed
-
-        tokens = rearrange(self.embed(x), "b d f gh gw -> b f (gh gw) d")
-        pos = get_2d_sincos_pos_embed(tokens.shape[-1], (h // self.p, w // self.p), base_size=self.base,
-                                      device=x.device, output_type="pt")
+            tokens = rearrange(self.embed(rearrange(x, "b c f h w -> (b f) c h w")), "(b f) n d -> b f n d", b=b)
+        else:
+            if f == 1:
+                x = repeat(x, "b c 1 h w -> b c k h w", k=self.k)
+            elif f % self.k:
+                raise ValueError(f"{f} frames do not cut into tubelets of {self.k}")
+            tokens = rearrange(self.embed(x), "b d f gh gw -> b f (gh gw) d")
+        gh = h // self.p  # base_size = the grid: positions are the patch's row and column indices
+        pos = get_2d_sincos_pos_embed(tokens.shape[-1], (gh, w // self.p), base_size=gh, device=x.device,
+                                      output_type="pt")
         return tokens + pos.to(tokens.dtype)
 
     def unembed(self, y: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
@@ -319,7 +320,6 @@ class LatteVideo(nn.Module):
 
     Args:
         cfg: the transformer's sizes, variant, patch embedding, conditioning and temporal positions.
-        size: the frame size it is built for (sets the cached 2D positions; other sizes work too).
         cond_channels: channels concatenated to x_t (0 decoder, 4 interpolation).
         image_embed_dim: size d of y_e, or 0 for a network not conditioned on it.
         context_tokens: y_e is projected into this many cross-attention tokens (0: no cross-attention).
@@ -328,7 +328,7 @@ class LatteVideo(nn.Module):
 
     noise_level_embed = None  # the contract's SR conditioning; Latte serves D^t and ↑F
 
-    def __init__(self, cfg: LatteConfig, *, size: int = 32, cond_channels: int = 0, image_embed_dim: int = 0,
+    def __init__(self, cfg: LatteConfig, *, cond_channels: int = 0, image_embed_dim: int = 0,
                  context_tokens: int = 0, fps_cond: bool = False) -> None:
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -338,7 +338,7 @@ class LatteVideo(nn.Module):
         self.context_tokens = context_tokens
         self.gradient_checkpointing = False
         d = cfg.width
-        self.patches = Patches(cfg, 3 + cond_channels, 3, size)
+        self.patches = Patches(cfg, 3 + cond_channels, 3)
         self.time_proj = Timesteps(TIMESTEP_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(TIMESTEP_CHANNELS, d)
         self.image_proj = (nn.Sequential(nn.Linear(image_embed_dim, d), nn.SiLU(), nn.Linear(d, d))

@@ -26,7 +26,7 @@ def tiny(**kw) -> LatteConfig:
 
 def build(cfg: LatteConfig, seed: int = 0, **kw) -> LatteVideo:
     torch.manual_seed(seed)
-    kw = {"size": 4, "image_embed_dim": 8, "context_tokens": 2, "fps_cond": True, **kw}
+    kw = {"image_embed_dim": 8, "context_tokens": 2, "fps_cond": True, **kw}
     return LatteVideo(cfg, **kw).eval()
 
 
@@ -189,7 +189,7 @@ def test_checkpoint_round_trip_and_per_sample_determinism(tmp_path):
     assert torch.allclose(both[1:], second, atol=1e-5)
 
 
-def test_training_stages_inflate_the_image_latte_and_widen_the_video_one():
+def test_training_stages_inflate_the_image_latte_and_widen_the_video_one(tmp_path):
     preset = _latte_preset()
     stage_cfg, image = training.start_network(training.TRAINING_STAGES["decoder"], preset)
     assert stage_cfg.backbone == "latte" and not stage_cfg.latte.temporal and not image.temporal_blocks
@@ -208,6 +208,9 @@ def test_training_stages_inflate_the_image_latte_and_widen_the_video_one():
     with torch.no_grad():
         assert torch.allclose(interp(x, torch.tensor([300]), cond_frames=torch.randn(1, 4, 4, 8, 8), **cond), before,
                               atol=1e-6)
+    save_stage(str(tmp_path), "interpolation", interp_cfg, interp)  # ↑F's bundle builds what training built
+    assert training.probe("interpolation", load_stage(str(tmp_path), "interpolation")[1]) == \
+        training.probe("interpolation", interp)
 
 
 def test_unet_stays_the_default_backbone():
