@@ -104,6 +104,7 @@ def run(label: str, stage_specs: list[StageSpec], n: int, t_bound: float) -> dic
             allocation = now
             changes.append((time.perf_counter() - began, now))
     moves = (executor.started_actors - sum(s.pool.start_actors for s in stage_specs), executor.retired_actors)
+    lost = sum(s.actors_lost for s in executor.snapshot())   # processes that died (e.g. the machine out of memory)
     executor.shutdown()
     if sorted(rows) != list(range(n)):
         raise RuntimeError(f"{label}: rows lost or repeated ({len(rows)} rows for {n}, {len(set(rows))} distinct)")
@@ -114,7 +115,7 @@ def run(label: str, stage_specs: list[StageSpec], n: int, t_bound: float) -> dic
     half = [k for t, k in done if t >= span / 2]
     steady = sum(half) / (span / 2)
     return {"label": label, "rows": n, "T": span, "ratio": t_bound / span, "steady_rows_per_s": steady,
-            "changes": changes, "started": moves[0], "retired": moves[1]}
+            "changes": changes, "started": moves[0], "retired": moves[1], "lost": lost}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run("fixed at the balanced allocation", specs(pools, costs, best, fixed=True), args.rows,
                            t_bound))
     ray.shutdown()
-    print("\nrun                                rows    T (s)  T_bound/T  rows/s, 2nd half  actors started/retired")
+    print("\nrun                                rows    T (s)  T_bound/T  rows/s, 2nd half  actors started/retired/lost")
     for r in results:
         print(f"  {r['label']:<32} {r['rows']:4d} {r['T']:8.1f} {r['ratio']:10.3f} {r['steady_rows_per_s']:17.2f}"
-              f"   {r['started']}/{r['retired']}")
+              f"   {r['started']}/{r['retired']}/{r['lost']}")
     for r in results:
         print(f"\n{r['label']}: allocation of the U-Net stages over time (s after the run began)")
         for t, alloc in r["changes"]:

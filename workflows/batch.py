@@ -51,6 +51,7 @@ class JobSpec:
     preset: str = DEFAULT_PRESET
     checkpoint: str | None = None
     seed: int = 0                   # rows without a seed column use a seed derived from (seed, id)
+    dtype: str = "auto"             # the networks' arithmetic: auto (bf16 on CUDA), fp32 or bf16
 
 
 def row_seed(base: int, rid: str) -> int:
@@ -223,7 +224,8 @@ def write_manifest(output: str, records: list[dict]) -> str:
 
 def stage_specs(job: JobSpec, pools: dict[str, PoolConfig]) -> list[StageSpec]:
     specs = [
-        StageSpec(stage, functools.partial(make, checkpoint=job.checkpoint, preset=job.preset), pools[stage])
+        StageSpec(stage, functools.partial(make, checkpoint=job.checkpoint, preset=job.preset, dtype=job.dtype,
+                                           compile=pools[stage].compile), pools[stage])
         for stage, make in RUNNER_OF.items()
     ]
     specs.append(StageSpec("writer", functools.partial(VideoWriter, job.output), pools["writer"]))
@@ -327,7 +329,7 @@ def run_job(job: JobSpec, pools: dict[str, PoolConfig], *, progress: RowBars | N
             progress.close_all()
     wall = time.perf_counter() - start
     stats = executor.snapshot()
-    utilisation = {s.name: s.busy_seconds / (wall * max(1, s.actors)) for s in stats}
+    utilisation = {s.name: s.busy_seconds / max(s.actor_seconds, 1e-9) for s in stats}
     executor.shutdown()
     if interrupted:
         for key, r in requests.items():

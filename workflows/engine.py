@@ -140,6 +140,7 @@ class StageStats:
     busy_actors: int = 0
     queued_rows: int = 0
     actors_lost: int = 0        # actors whose process or node died (each replaced by Ray)
+    actor_seconds: float = 0.0  # seconds the stage's actors were up, summed over actors (pools change size)
     rows_retried: int = 0       # rows re-run on a lost actor's replacement
 
 
@@ -154,6 +155,8 @@ class _Pool:
     queue: deque = field(default_factory=deque)
     queued_rows: int = 0
     speed: SecondsPerRow = field(default_factory=SecondsPerRow)
+    up_since: list = field(default_factory=list)     # when each actor became ready
+    retired_seconds: float = 0.0                     # seconds retired actors were up
 
     def live(self) -> list[int]:
         """Indices of the ready actors that take calls."""
@@ -238,6 +241,7 @@ class StreamingExecutor:
                 ray.get(ref)  # raises if the actor failed to load: a configuration error
                 pool.actors.append(actor)
                 pool.outstanding.append(0)
+                pool.up_since.append(time.perf_counter())
 
     def wait_ready(self) -> None:
         """Block until every pool's initial actors have loaded their networks."""
@@ -276,6 +280,7 @@ class StreamingExecutor:
         if a in pool.retiring and pool.outstanding[a] == 0:
             ray.kill(pool.actors[a], no_restart=True)
             pool.actors[a] = None
+            pool.retired_seconds += time.perf_counter() - pool.up_since[a]
             pool.retiring.discard(a)
             self.retired_actors += 1
 
@@ -401,6 +406,9 @@ class StreamingExecutor:
     def snapshot(self) -> list[StageStats]:
         for pool, stats in zip(self.pools, self.stats):
             stats.actors = sum(1 for actor in pool.actors if actor is not None)
+            now = time.perf_counter()
+            stats.actor_seconds = pool.retired_seconds + sum(
+                now - t for actor, t in zip(pool.actors, pool.up_since) if actor is not None)
             stats.busy_actors = sum(1 for n in pool.outstanding if n > 0)
             stats.queued_rows = pool.queued_rows
         return self.stats

@@ -203,7 +203,10 @@ def test_a_wrong_allocation_moves_an_actor_to_the_bottleneck(ray_session, tmp_pa
         for s in executor.snapshot():
             seen[s.name].append(s.actors)
     retired, started = executor.retired_actors, executor.started_actors
+    stats = executor.snapshot()
     executor.shutdown()
+    # Utilisation counts the seconds each actor was up, so a pool that shrank is never busier than 100%.
+    assert all(0 < s.busy_seconds <= s.actor_seconds for s in stats)
     assert seen["fast"][0] == 3 and seen["fast"][-1] == 1
     assert seen["slow"][0] == 1 and seen["slow"][-1] == 3
     assert (retired, started) == (2, 6)    # two moves, no back and forth
