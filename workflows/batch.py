@@ -51,6 +51,7 @@ class JobSpec:
     preset: str = DEFAULT_PRESET
     checkpoint: str | None = None
     seed: int = 0                   # rows without a seed column use a seed derived from (seed, id)
+    dtype: str = "auto"             # the networks' arithmetic: auto (bf16 on CUDA), fp32 or bf16
 
 
 def row_seed(base: int, rid: str) -> int:
@@ -223,7 +224,8 @@ def write_manifest(output: str, records: list[dict]) -> str:
 
 def stage_specs(job: JobSpec, pools: dict[str, PoolConfig]) -> list[StageSpec]:
     specs = [
-        StageSpec(stage, functools.partial(make, checkpoint=job.checkpoint, preset=job.preset), pools[stage])
+        StageSpec(stage, functools.partial(make, checkpoint=job.checkpoint, preset=job.preset, dtype=job.dtype,
+                                           compile=pools[stage].compile), pools[stage])
         for stage, make in RUNNER_OF.items()
     ]
     specs.append(StageSpec("writer", functools.partial(VideoWriter, job.output), pools["writer"]))

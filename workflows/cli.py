@@ -25,6 +25,7 @@ from workflows.pools import load_pools
 from workflows.presets import DEFAULT_MODEL, choose_model
 from workflows.progress import RowBars, StageBars
 from workflows.ray_cluster import init_ray
+from workflows.runners import DTYPES
 
 
 def _quiet_libraries() -> None:
@@ -55,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = video_paths(args.out, prompts)
 
     start = time.perf_counter()
-    pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=StageBars())
+    pipe = Pipeline(checkpoint=checkpoint, preset=preset, progress=StageBars(), dtype=args.dtype)
     decoder = next(r for r in pipe.runners if r.stage == "decoder")
     if args.motion is not None and not decoder.cfg.frame_noise.sampling_shared:
         raise CliError("--motion: motion guidance moves the noise's common part, and this model's decoder D^t "
@@ -78,7 +79,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except Exception as e:
         raise CliError(f"cannot write to {args.output}: {e}") from None
     job = JobSpec(prompts=tuple(args.prompts), output=args.output, preset=preset, checkpoint=checkpoint,
-                  seed=args.seed)
+                  seed=args.seed, dtype=args.dtype)
     try:
         init_ray(args.address, sum(p.cpus * p.start_actors for p in pools.values()))
     except Exception as e:
@@ -109,6 +110,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if result.failed == 0 else EXIT_FAILED
 
 
+DTYPE_HELP = ("the networks' arithmetic: bf16 (bfloat16 autocast; latents and sampler in float32), fp32, or auto: "
+              "bf16 on CUDA, fp32 elsewhere (default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video: text-to-video on PyTorch and Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="checkpoint bundle directory/URL (default: the shipped demo model "
                                           f"cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    gen.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     bat = sub.add_parser("batch", help="generate one video per prompt of prompt files on a Ray cluster")
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           f"cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
     bat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     bat.add_argument("--seed", type=int, default=0, help="base of the per-row seeds of rows without a seed column")
+    bat.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     bat.set_defaults(func=cmd_batch)
 
     serve.add_parser(sub)

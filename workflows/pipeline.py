@@ -110,16 +110,21 @@ class Pipeline:
         device: str | torch.device | None = None,
         progress: StageProgress | None = None,
         until: str = "sr_high",
+        dtype: str = "auto",
+        compile: bool = False,
     ) -> None:
         """``checkpoint``: one bundle for every stage, or a bundle per stage name (e.g. an image-only
         baseline's decoder with the other stages of a trained bundle). ``until``: the last stage to run,
-        whose output is the video (``decoder``: D^t's keyframes, at the requested fps)."""
+        whose output is the video (``decoder``: D^t's keyframes, at the requested fps). ``dtype`` and
+        ``compile``: every runner's (``workflows.runners.StageRunner``)."""
         if until not in FRAME_STAGES:
             raise ValueError(f"until must be one of {', '.join(FRAME_STAGES)}, got {until!r}")
         stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
         per_stage = checkpoint if isinstance(checkpoint, Mapping) else dict.fromkeys(STAGE_NAMES, checkpoint)
         self.runners: list[StageRunner] = [
-            RUNNER_OF[s](checkpoint=per_stage[s], preset=preset, device=device, progress=progress) for s in stages
+            RUNNER_OF[s](checkpoint=per_stage[s], preset=preset, device=device, progress=progress, dtype=dtype,
+                         compile=compile)
+            for s in stages
         ]
 
     def run(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:

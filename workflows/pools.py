@@ -6,6 +6,7 @@
       cpus: 1                    # per actor; also the torch thread count inside it
       batch_size: 2
       resources: {decoder_node: 1}   # optional custom resources (pin to a node type)
+      compile: true              # optional: torch.compile the stage's network (slower first call)
 
 Every stage has its own section; a stage left out gets the defaults below. Unknown stages or keys
 are errors that name them.
@@ -32,6 +33,7 @@ class PoolConfig:
     batch_size: int = 1             # rows per call
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
     queue_depth: int = 2            # calls queued per actor, so an actor never waits for the driver
+    compile: bool = False           # torch.compile the stage's network (a stage's pool only, not the writer's)
 
     def __post_init__(self) -> None:
         if self.min_actors < 1 or self.max_actors < self.min_actors:
@@ -61,7 +63,7 @@ def _pool(stage: str, data: object) -> PoolConfig:
         return PoolConfig()
     if not isinstance(data, dict):
         raise ConfigError(f"{stage}: expected a mapping")
-    known = {"actors", "gpus", "cpus", "batch_size", "resources", "queue_depth"}
+    known = {"actors", "gpus", "cpus", "batch_size", "resources", "queue_depth"} | ({"compile"} if stage in STAGE_NAMES else set())
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key '{stage}.{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
@@ -86,6 +88,10 @@ def _pool(stage: str, data: object) -> PoolConfig:
     for key in ("batch_size", "queue_depth"):
         if key in data:
             kwargs[key] = _int(f"{stage}.{key}", data[key])
+    if "compile" in data:
+        if not isinstance(data["compile"], bool):
+            raise ConfigError(f"{stage}.compile: expected true or false, got {data['compile']!r}")
+        kwargs["compile"] = data["compile"]
     if "resources" in data:
         res = data["resources"] or {}
         if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in res.values()):

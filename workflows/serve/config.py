@@ -9,6 +9,7 @@ from importlib import resources
 
 from stages.config import STAGE_NAMES, ConfigError, from_dict
 from stages.fsio import read_yaml_mapping
+from workflows.runners import DTYPES
 
 APP_NAME = "mav"
 IMPORT_PATH = "workflows.serve:build_app"   # the application builder, as Serve config files name it
@@ -26,8 +27,11 @@ class AppArgs:
     max_active_jobs: int = 64           # queued + running jobs; POST /v1/jobs answers 503 beyond
     keep_finished_jobs: int = 256       # finished jobs remembered (oldest forgotten first)
     retry_after_s: int = 5              # Retry-After of 503 answers
+    dtype: str = "auto"                 # the stage networks' arithmetic: auto (bf16 on CUDA), fp32 or bf16
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_active_jobs", "keep_finished_jobs", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
