@@ -102,8 +102,8 @@ def render(command: str, costs: Costs, pools: dict[str, PoolConfig], counts: dic
     bottleneck = min(loads, key=lambda s: loads[s].rate(counts[s])) if loads else None
     lines.append("#")
     if bottleneck:
-        speed = (f"{60 * chain:.2f} videos/min" if costs.unit == "s"
-                 else f"{60 * chain * ASSUMED_FLOPS:.2f} videos/min if every GPU sustains {ASSUMED_FLOPS / 1e12:g} "
+        speed = (f"{60 * chain:,.2f} videos/min" if costs.unit == "s"
+                 else f"{60 * chain * ASSUMED_FLOPS:,.2f} videos/min if every GPU sustains {ASSUMED_FLOPS / 1e12:g} "
                       f"TFLOP/s")
         lines.append(f"# Bottleneck {LABELS[bottleneck]}: the chain makes {speed}. GPUs used: {used:g} of {gpus:g}.")
     for s, note in costs.notes.items():
@@ -135,7 +135,7 @@ def render(command: str, costs: Costs, pools: dict[str, PoolConfig], counts: dic
 def _cost(cost: float, unit: str) -> str:
     if unit == "s":
         return f"{cost:.3g} s"
-    return f"{cost / 1e12:,.1f} TFLOP" if cost >= 1e11 else f"{cost / 1e9:.3g} GFLOP"
+    return f"{cost / 1e12:,.1f} TFLOP" if cost >= 1e12 else f"{cost / 1e9:.3g} GFLOP"
 
 
 def cmd_plan_pools(args: argparse.Namespace) -> int:
