@@ -33,7 +33,10 @@ TRAINABLE = ("queries", "temporal", "all")
 def start_tuning(cfg, net: nn.Module) -> tuple[object, nn.Module]:
     """(config, network) a tuning run starts from: D^t of any bundle, switched to sparse-causal attention
     and DDIM sampling, its weights unchanged."""
-    if not getattr(net.cfg, "temporal", False):
+    if not hasattr(net, "unet") or not hasattr(net, "frame_context"):
+        raise ConfigError(f"tuning needs a U-Net decoder D^t (stages.unet.VideoUNet); this bundle's is a "
+                          f"{type(net).__name__}")
+    if not net.cfg.temporal:
         raise ConfigError("tuning needs a pseudo-3D decoder D^t (unet.temporal true): train decoder-video first")
     net = use_spatial_attention(net, "sparse_causal")
     return replace(cfg, unet=net.cfg, diffusion=invertible(cfg.diffusion)), net
