@@ -19,6 +19,7 @@ from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHig
 from stages.diffusion import Progress, add_noise, sample
 from stages.noise import frame_noise, randn, stage_generators
 from stages.latte import LatteVideo
+from stages import unclip
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
 
@@ -31,12 +32,16 @@ def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + STAGE_NAMES.index(name))
         if name == "clip":
+            if cfg.kind != "open_clip":
+                raise ValueError(f"a {cfg.kind} CLIP stage is built from its bundle's files (stages.checkpoint)")
             return ClipModel(cfg)
         if name == "prior":
             return PriorNet(cfg, embed_dim=cfg.embed_dim, num_tokens=cfg.num_tokens)
         if name in ("decoder", "interpolation") and cfg.backbone == "latte":
             return LatteVideo(cfg.latte, cond_channels=4 if name == "interpolation" else 0,
                               image_embed_dim=cfg.image_embed_dim, context_tokens=cfg.context_tokens, fps_cond=True)
+        if name in STAGE_NAMES[2:] and unclip.wants_unclip_network(cfg):
+            return unclip.build_network(name, cfg, unet2d)
         if name in ("decoder", "interpolation"):
             return VideoUNet(
                 cfg.unet,
@@ -81,16 +86,22 @@ def generate_image_embeds(
     steps: int | None = None,
     guidance: float | torch.Tensor | None = None,
     progress: Progress | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """P: sample y_e ``b d`` (unit norm) given x_e and x̂; ``negative`` (e.g. the empty prompt) is the
-    unconditional branch of classifier-free guidance."""
+    unconditional branch of classifier-free guidance. ``generators`` (one per sample) replace the seeds'
+    own: every draw of this stage comes from them, in order; ``noise`` (``b d``) is the x_T to start from
+    (None: drawn from them)."""
     dev, dt = _device(prior), _dtype(prior)
     keys = ("text_embeds", "text_hidden", "text_mask")
     cond = {k: text[k].to(dev) for k in keys}
     uncond = {k: negative[k].to(dev) for k in keys}
-    noise = randn((prior.embed_dim,), stage_generators(seeds, "prior"), dev, dt)
-    x = sample(prior, noise, cfg=prior.cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance, progress=progress)
-    return prior.unscale(x.float())
+    gens = generators or stage_generators(seeds, "prior")
+    noise = randn((prior.embed_dim,), gens, dev, dt) if noise is None else noise.to(dev, dt)
+    x = sample(prior, noise, cfg=prior.cfg.diffusion, steps=steps, cond=cond, uncond=uncond, guidance=guidance,
+               progress=progress, generators=gens)
+    return prior.unscale(x.to(torch.promote_types(x.dtype, torch.float32)))  # at least float32
 
 
 def decode(
@@ -105,25 +116,42 @@ def decode(
     motion: torch.Tensor | None = None,
     progress: Progress | None = None,
     noise: torch.Tensor | None = None,
+    text: dict[str, torch.Tensor] | None = None,
+    negative: dict[str, torch.Tensor] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0.
+    """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0
+    (an unCLIP decoder's: its learned null embedding, and the ``negative`` prompt's text where the
+    conditional branch has the prompt's ``text``: dicts of text_embeds, text_hidden, text_mask).
 
     ``motion`` (``b 2``, (dy, dx) in frame sizes per keyframe; NaN rows: none) is motion guidance: the
     initial noise's common part moves along that straight path (``stages.noise.frame_noise``), and what it
     lays out moves with it. Off by default: D^t's keyframes then move as its temporal layers learned.
     ``noise`` (``b 3 frames size size``) is the x_T to start from, e.g. a source video's DDIM inversion
-    (``stages.inversion``); None: drawn from the seeds."""
+    (``stages.inversion``); None: drawn from the seeds. ``generators`` as in :func:`generate_image_embeds`."""
     dev, dt = _device(decoder), _dtype(decoder)
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
+    gens = generators or stage_generators(seeds, "decoder")
     if noise is None:
-        noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), stage_generators(seeds, "decoder"), dev, dt,
+        noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), gens, dev, dt,
                             shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive,
                             motion=motion)
     cond = {"image_embeds": image_embeds, "fps": fps}
     uncond = {"image_embeds": torch.zeros_like(image_embeds), "fps": fps}
+    if getattr(decoder, "text_proj", None) is not None:
+        cond.update(_text_cond(text, dev, dt))
+        uncond.update(_text_cond(negative, dev, dt), image_embeds=decoder.null_image_embeds(len(image_embeds)).to(dev, dt))
     return sample(decoder, noise.to(dev, dt), cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond,
-                  guidance=guidance, progress=progress)
+                  guidance=guidance, progress=progress, generators=gens)
+
+
+def _text_cond(text: dict[str, torch.Tensor] | None, dev, dt) -> dict[str, torch.Tensor]:
+    """The text an unCLIP-conditioned network reads (x_e, hidden states, mask), on its device."""
+    if text is None:
+        raise ValueError("this network is conditioned on the text: pass the prompt's (and the negative prompt's) encoding")
+    return {"text_embeds": text["text_embeds"].to(dev, dt), "text_hidden": text["text_hidden"].to(dev, dt),
+            "text_mask": text["text_mask"].to(dev)}
 
 
 def infill_inputs(frames: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -143,8 +171,10 @@ def infill(
     *,
     steps: int | None = None,
     progress: Progress | None = None,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """↑F in general form: generate the frames where ``known`` (``b f``) is False, given the others.
+    (``text``: the prompt's encoding, which an unCLIP-conditioned ↑F reads as its decoder does.)
 
     Interpolation gives every ``skip``-th frame; extrapolation gives the first (or last) frames; image
     animation gives one frame. The given frames come out exactly as they went in, or, with
@@ -159,9 +189,12 @@ def infill(
         "image_embeds": image_embeds.to(dev, dt),
         "fps": fps.to(dev, torch.float32),
     }
-    noise = frame_noise(frames.shape[1:], stage_generators(seeds, "interpolation"), dev, dt,
+    if getattr(net, "text_proj", None) is not None:
+        cond.update(_text_cond(text, dev, dt))
+    gens = stage_generators(seeds, "interpolation")
+    noise = frame_noise(frames.shape[1:], gens, dev, dt,
                         shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive)
-    out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
+    out = sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress, generators=gens)
     if not cfg.keep_given_frames:
         return out
     keep = known[:, None, :, None, None]
@@ -178,6 +211,7 @@ def interpolate(
     *,
     steps: int | None = None,
     progress: Progress | None = None,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """↑F with frame skip s: ``b 3 F h w`` at fps -> ``b 3 ((F-1)s+1) h w`` at fps·s.
 
@@ -192,15 +226,19 @@ def interpolate(
     known = torch.zeros(b, n, dtype=torch.bool, device=keyframes.device)
     known[:, ::s] = True
     out_fps = fps * s
-    video = infill(net, cfg, frames, known, image_embeds, out_fps, seeds, steps=steps, progress=progress)
+    video = infill(net, cfg, frames, known, image_embeds, out_fps, seeds, steps=steps, progress=progress, text=text)
     return video, out_fps
 
 
-def upsample(video: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear spatial upsampling of every frame: ``b c f h w`` -> ``b c f size size``."""
+def upsample(video: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Bilinear (or antialiased bicubic) spatial upsampling of every frame: ``b c f h w`` -> ``b c f size size``."""
     b = video.shape[0]
     x = rearrange(video, "b c f h w -> (b f) c h w")
-    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32
+    if mode == "bicubic":
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    else:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return rearrange(x, "(b f) c h w -> b c f h w", b=b).to(video.dtype)
 
 
@@ -212,22 +250,34 @@ def super_resolve_video(
     *,
     steps: int | None = None,
     progress: Progress | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SR_l^t: ``b 3 f in_size in_size`` -> ``b 3 f out_size out_size``, all frames at once (pseudo-3D).
 
     The condition is the bilinearly upsampled video, noised to ``cfg.noise_level`` (noise conditioning
-    augmentation, as in Imagen/DALL-E 2 upsamplers), with the level given to the network.
+    augmentation, as in Imagen/DALL-E 2 upsamplers), with the level given to the network; with
+    ``low_res: unclip``, the video clamped to [-1, 1] and upsampled bicubically, clean (level 0), as
+    unCLIP's pipeline conditions its upsamplers. ``generators`` and ``noise`` (x_T) as in
+    :func:`generate_image_embeds`.
     """
     dev, dt = _device(net), _dtype(net)
     video = video.to(dev, dt)
     b, _, f = video.shape[:3]
-    up = upsample(video, cfg.out_size)
-    aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
-    level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
-    cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
-    noise = frame_noise(up.shape[1:], stage_generators(seeds, "sr_low"), dev, dt,
-                        shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive)
-    return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress)
+    if cfg.low_res == "unclip":
+        up = upsample(video.clamp(-1, 1), cfg.out_size, mode="bicubic")
+        cond = {"cond_frames": up, "noise_level": torch.zeros(b, device=dev)}
+    else:
+        up = upsample(video, cfg.out_size)
+        aug = randn(up.shape[1:], stage_generators(seeds, "sr_low/aug"), dev, dt)
+        level = torch.full((b,), cfg.noise_level, dtype=torch.long, device=dev)
+        cond = {"cond_frames": add_noise(cfg.diffusion, up, aug, level), "noise_level": level.float()}
+    gens = generators or stage_generators(seeds, "sr_low")
+    if noise is None:
+        noise = frame_noise(up.shape[1:], gens, dev, dt,
+                            shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive)
+    noise = noise.to(dev, dt)
+    return sample(net, noise, cfg=cfg.diffusion, steps=steps, cond=cond, progress=progress, generators=gens)
 
 
 def super_resolve_frames(
@@ -261,13 +311,21 @@ def super_resolve_frames(
         # so a frame's result does not depend on which chunk it fell in, to the last bit.
         idx = torch.arange(start, start + cfg.frame_batch, device=dev).clamp(max=frames.shape[0] - 1)
         n = min(cfg.frame_batch, frames.shape[0] - start)
-        up = upsample(frames[idx], size)
-        level = torch.full((up.shape[0],), cfg.noise_level, dtype=torch.long, device=dev)
-        cond = {"cond_frames": add_noise(cfg.diffusion, up, aug[idx], level), "noise_level": level.float()}
+        if cfg.low_res == "unclip":
+            up = upsample(frames[idx].clamp(-1, 1), size, mode="bicubic")
+            cond = {"cond_frames": up, "noise_level": torch.zeros(up.shape[0], device=dev)}
+        else:
+            up = upsample(frames[idx], size)
+            level = torch.full((up.shape[0],), cfg.noise_level, dtype=torch.long, device=dev)
+            cond = {"cond_frames": add_noise(cfg.diffusion, up, aug[idx], level), "noise_level": level.float()}
+        # An ancestral sampler's step noise: every frame of a video draws the same, as its initial noise.
+        step_gens = [stage_generators([seeds[int(row) // f]], "sr_high/steps")[0] for row in idx]
 
         def chunk_progress(step: int, total: int, i=i) -> None:
             if progress is not None:
                 progress(i * total + step, len(chunks) * total)
 
-        outs.append(sample(net, noise[idx], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress)[:n])
+        outs.append(sample(net, noise[idx], cfg=cfg.diffusion, steps=steps, cond=cond, progress=chunk_progress,
+                           generators=step_gens)[:n])
     return rearrange(torch.cat(outs), "(b f) c 1 h w -> b c f h w", b=b)
+

@@ -48,6 +48,9 @@ def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
         if unet is not None:
             config = {"_class_name": type(unet).__name__, **dict(unet.config)}
             write_bytes_atomic(join(directory, UNET2D_FILE), json.dumps(config, indent=2, default=list).encode())
+        config_files = getattr(module, "config_files", None)  # a transformers CLIP's configs and tokenizer
+        for file, data in (config_files() if config_files is not None else {}).items():
+            write_bytes_atomic(join(directory, file), data)
         write_bytes_atomic(join(directory, CONFIG_FILE), dump_yaml(cfg).encode())
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {directory}: {e}") from None
@@ -139,10 +142,12 @@ def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tu
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise CheckpointError(f"cannot read checkpoint {url}: {name}/{WEIGHTS_FILE}: {e}") from None
     try:
-        module = build_stage(name, cfg, unet2d=unet2d)
+        module = None if name == "clip" and cfg.kind == "transformers" else build_stage(name, cfg, unet2d=unet2d)
     except ValueError as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {name}/{UNET2D_FILE} does not fit the {name} stage: {e}") from None
-    if name == "clip" and state and not next(iter(state)).startswith("model."):
+    if module is None:
+        module = _transformers_clip(url, directory, cfg)
+    if name == "clip" and cfg.kind == "open_clip" and state and not next(iter(state)).startswith("model."):
         state = {f"model.{k}": v for k, v in state.items()}  # open_clip's own state-dict layout
     try:
         module.load_state_dict(state, strict=True)
@@ -150,6 +155,23 @@ def load_stage(url: str, name: str, *, device: str | torch.device = "cpu") -> tu
         first = str(e).strip().splitlines()
         raise CheckpointError(f"cannot read checkpoint {url}: {name} weights do not match its config: {' '.join(first[:3])}") from None
     return cfg, module.to(device).eval()
+
+
+def _transformers_clip(url: str, directory: str, cfg) -> nn.Module:
+    """An imported transformers CLIP (stages.unclip), rebuilt from the JSON configs and tokenizer beside its weights."""
+    from stages import unclip
+
+    try:
+        fs, root = fsspec.core.url_to_fs(directory)
+        names = [unclip.TEXT_ENCODER_FILE, unclip.IMAGE_ENCODER_FILE]
+        names += [f"{unclip.TOKENIZER_DIR}/{p.rstrip('/').rsplit('/', 1)[-1]}"
+                  for p in fs.ls(f"{root}/{unclip.TOKENIZER_DIR}", detail=False)]
+        files = {n: read_bytes(join(directory, n)) for n in names if fs.exists(f"{root}/{n}")}
+        if unclip.TEXT_ENCODER_FILE not in files:
+            raise FileNotFoundError(f"no clip/{unclip.TEXT_ENCODER_FILE}")
+        return unclip.TransformersClip.from_files(cfg, files)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {url}: clip: {e}") from None
 
 
 def _check_unet_matches(url: str, name: str, cfg, unet2d: nn.Module) -> None:

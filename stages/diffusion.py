@@ -1,7 +1,9 @@
 """The one diffusion core every diffusion stage (P, D^t, ↑F, SR_l^t, SR_h) uses: schedules and loops.
 
 Schedules come from diffusers: DDPM for the training forward process
-q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), DDIM (η = 0) or DPM-Solver++ for sampling.
+q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), DDIM (η = 0) or DPM-Solver++ for sampling, or UnCLIPScheduler
+(ancestral sampling with Karlo's step spacing, its noise drawn from per-sample generators). A network with
+learned variance (``variance: learned_range``) outputs 2C channels: the prediction, then v (improved DDPM).
 Classifier-free guidance (Ho & Salimans, 2022): ε̃ = ε(x_t, ∅) + w (ε(x_t, c) − ε(x_t, ∅)).
 
 Networks are plain callables ``model(x_t, t, **cond) -> prediction``; they never sample. The noise a
@@ -10,7 +12,7 @@ sample starts from, or a loss trains on, is the caller's (``stages.noise``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,18 @@ def training_scheduler(cfg: DiffusionConfig):
 
 def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
     """A fresh sampling scheduler (schedulers keep per-run state, so one per sampling loop)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UnCLIPScheduler
 
     sampler = sampler or cfg.sampler
+    if sampler == "unclip":
+        return UnCLIPScheduler(
+            num_train_timesteps=cfg.train_timesteps,
+            variance_type="learned_range" if cfg.variance == "learned_range" else "fixed_small_log",
+            clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range,
+            prediction_type=cfg.prediction_type,
+            beta_schedule=cfg.beta_schedule,
+        )
     common = dict(
         num_train_timesteps=cfg.train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -44,18 +55,19 @@ def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
         timestep_spacing="trailing",
     )
     if sampler == "ddim":
-        return DDIMScheduler(clip_sample=cfg.clip_sample, clip_sample_range=1.0, set_alpha_to_one=True, **common)
+        return DDIMScheduler(clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range, set_alpha_to_one=True,
+                             **common)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(
             algorithm_type="dpmsolver++",
             solver_order=2,
             thresholding=cfg.clip_sample,
-            sample_max_value=1.0,
+            sample_max_value=cfg.clip_sample_range,
             dynamic_thresholding_ratio=1.0,
             lower_order_final=True,
             **common,
         )
-    raise ValueError(f"unknown sampler {sampler!r}; expected ddim or dpm++")
+    raise ValueError(f"unknown sampler {sampler!r}; expected ddim, dpm++ or unclip")
 
 
 def _cat_cond(cond: dict, uncond: dict) -> dict:
@@ -76,6 +88,7 @@ def sample(
     uncond: dict | None = None,
     guidance: float | torch.Tensor | None = None,
     progress: Progress | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` (x_T) to x_0.
 
@@ -86,7 +99,9 @@ def sample(
         cond / uncond: conditioning keyword tensors (batch first) for the conditional and the
             unconditional pass; ``uncond`` entries default to the ``cond`` ones.
         guidance: w, a scalar or one value per sample (default ``cfg.guidance``); w = 1 everywhere
-            skips the unconditional pass.
+            skips the unconditional pass. With learned variance, w applies to the prediction and the
+            variance is the conditional pass's (as unCLIP's decoder guides).
+        generators: one per sample; an ancestral sampler (unclip) draws each step's noise from them.
     """
     cond = cond or {}
     steps = steps or cfg.steps
@@ -100,15 +115,30 @@ def sample(
     both = _cat_cond(cond, uncond) if guided else cond
     scheduler = sampling_scheduler(cfg)
     scheduler.set_timesteps(steps, device=noise.device)
+    ancestral = cfg.sampler == "unclip"
+    if ancestral and (generators is None or len(generators) != b):
+        raise ValueError(f"the unclip sampler draws noise at every step: give one generator per sample ({b})")
+    learned = cfg.variance == "learned_range"
+    c = noise.shape[1]
     x = noise * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if guided:
-            pred_c, pred_u = model(torch.cat([x_in, x_in]), t.expand(2 * b), **both).chunk(2)
+            out_c, out_u = model(torch.cat([x_in, x_in]), t.expand(2 * b), **both).chunk(2)
+            pred_c, pred_u = out_c[:, :c], out_u[:, :c]
             pred = pred_u + w * (pred_c - pred_u)
+            variance = out_c[:, c:]
         else:
-            pred = model(x_in, t.expand(b), **both)
-        x = scheduler.step(pred, t, x, return_dict=False)[0]
+            out = model(x_in, t.expand(b), **both)
+            pred, variance = out[:, :c], out[:, c:]
+        if ancestral:
+            # UnCLIPScheduler reads the variance channels after the prediction, and the step it goes to.
+            prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+            model_out = torch.cat([pred, variance], dim=1) if learned else pred
+            x = scheduler.step(model_out, t, x, prev_timestep=prev, generator=list(generators), return_dict=False)[0]
+        else:
+            x = scheduler.step(pred, t, x, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, steps)
     return x
@@ -146,7 +176,8 @@ def training_loss(
     elif noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, x0 {tuple(x0.shape)}")
     x_t = scheduler.add_noise(x0, noise, t)
-    pred = model(x_t, t, **(cond or {}))
+    # A learned variance's channels follow the prediction; the simple loss trains the prediction alone.
+    pred = model(x_t, t, **(cond or {}))[:, : x0.shape[1]]
     if cfg.prediction_type == "epsilon":
         target = noise
     elif cfg.prediction_type == "sample":

@@ -2,7 +2,9 @@
 
 Built on ``diffusers.PriorTransformer``: the sequence is [projected text tokens, x_e, t, noisy y_e,
 learned query] and the network predicts y_e itself (x_0 prediction). Embeddings are L2-normalised and
-scaled by √d so each coordinate has unit variance, matching the N(0, I) of the diffusion process.
+scaled by √d so each coordinate has unit variance, matching the N(0, I) of the diffusion process; an
+imported unCLIP prior (``embedding_space: clip``) takes x_e as CLIP gives it and standardises y_e with its
+own statistics instead (y_e = x σ + μ, diffusers' ``post_process_latents``).
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ class PriorNet(nn.Module):
         )
 
     def scale(self, embeds: torch.Tensor) -> torch.Tensor:
-        """A CLIP embedding -> the diffusion space (unit norm × √d)."""
+        """A CLIP image embedding -> the diffusion space (unit norm × √d; clip: (y − μ) / σ)."""
+        if self.cfg.embedding_space == "clip":
+            t = self.transformer
+            return (embeds.float() - t.clip_mean.float()) / t.clip_std.float()
         return F.normalize(embeds.float(), dim=-1) * math.sqrt(self.embed_dim)
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
-        """The diffusion space -> a unit-norm CLIP embedding y_e."""
+        """The diffusion space -> a CLIP embedding y_e (unit norm; clip: x σ + μ)."""
+        if self.cfg.embedding_space == "clip":
+            return self.transformer.post_process_latents(x)
         return F.normalize(x, dim=-1)
 
     def forward(
@@ -55,7 +62,7 @@ class PriorNet(nn.Module):
         return self.transformer(
             x,
             t,
-            proj_embedding=self.scale(text_embeds).to(x.dtype),
+            proj_embedding=(text_embeds if self.cfg.embedding_space == "clip" else self.scale(text_embeds)).to(x.dtype),
             encoder_hidden_states=text_hidden.to(x.dtype),
             attention_mask=text_mask.bool(),
             return_dict=False,

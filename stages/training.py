@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from stages import cascade
+from stages import cascade, unclip
 from stages.config import CascadeConfig, ConfigError, DiffusionConfig, FrameNoiseConfig
 from stages import latte
 from stages.diffusion import training_loss, training_scheduler
@@ -178,9 +178,14 @@ def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: 
                  shared: float = 0.0) -> torch.Tensor:
     """D on images (f = 1, fps 0) or D^t on clips ``b 3 f h w``, conditioned on y_e of the middle frame
     (zeroed with probability ``cfg.cond_drop_prob``); a clip's noise shares ρ = ``shared`` across frames."""
-    y = image_embeds(clip, video[:, :, video.shape[2] // 2])
-    y = torch.where(_drop(len(y), cfg.cond_drop_prob, generator, y.device)[:, None], torch.zeros_like(y), y)
-    return training_loss(decoder, video, cfg=cfg, cond={"image_embeds": y, "fps": fps}, generator=generator,
+    middle = video[:, :, video.shape[2] // 2]
+    drop = _drop(len(video), cfg.cond_drop_prob, generator, video.device)
+    if getattr(_unwrap(decoder), "text_proj", None) is not None:  # an imported unCLIP decoder
+        cond = unclip.training_condition(_unwrap(decoder), clip, middle, drop)
+    else:
+        y = image_embeds(clip, middle)
+        cond = {"image_embeds": torch.where(drop[:, None], torch.zeros_like(y), y)}
+    return training_loss(decoder, video, cfg=cfg, cond={**cond, "fps": fps}, generator=generator,
                          noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
 
 
@@ -189,8 +194,12 @@ def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps
                        snr_gamma: float = 0.0, shared: float = 0.0) -> torch.Tensor:
     """↑F: generate ``video`` (``b 3 f h w``) given its ``known`` (``b f``) frames and the mask channel;
     the noise shares ρ = ``shared`` across frames."""
-    y = image_embeds(clip, video[:, :, video.shape[2] // 2])
-    cond = {"cond_frames": cascade.infill_inputs(video, known), "image_embeds": y, "fps": fps}
+    middle = video[:, :, video.shape[2] // 2]
+    if getattr(_unwrap(net), "text_proj", None) is not None:  # ↑F of an imported unCLIP decoder
+        y = unclip.training_condition(_unwrap(net), clip, middle, torch.zeros(len(video), dtype=torch.bool))
+    else:
+        y = {"image_embeds": image_embeds(clip, middle)}
+    cond = {"cond_frames": cascade.infill_inputs(video, known), **y, "fps": fps}
     return training_loss(net, video, cfg=cfg, cond=cond, generator=generator,
                          noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
 

@@ -7,7 +7,10 @@ Conditioning enters three ways:
   * fps: a sinusoidal embedding added to the timestep embedding, its last layer zero-initialised so
     that adding it to a pretrained image network changes nothing at first;
   * frames on the channel axis (``cond_frames``): masked frames + mask for ↑F, the upsampled
-    low-resolution video for SR (as improved-diffusion's SuperResModel), with a noise-level embedding.
+    low-resolution video for SR (as improved-diffusion's SuperResModel), with a noise-level embedding;
+  * or, for an imported unCLIP decoder (``text_proj``: diffusers' UnCLIPTextProjModel), y_e and x_e added
+    to the timestep embedding and the context [y_e's extra tokens, the projected text tokens x̂] with the
+    text's mask, y_e's unconditional value learned (:meth:`VideoUNet.null_image_embeds`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
@@ -43,7 +47,7 @@ class ScalarEmbedding(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal(value * self.scale, self.dim))
+        return self.mlp(sinusoidal(value * self.scale, self.dim).to(self.mlp[0].weight.dtype))
 
 
 def build_unet2d(cfg: UNetConfig, in_channels: int, out_channels: int = 3) -> nn.Module:
@@ -92,6 +96,8 @@ class VideoUNet(nn.Module):
         fps_cond: condition on frames per second.
         noise_level_cond: condition on the noise level of ``cond_frames`` (super-resolution).
         unet2d: a prebuilt (e.g. pretrained) diffusers 2D U-Net to inflate instead of a fresh one.
+        text_proj: an UnCLIPTextProjModel: y_e and the text condition the network as unCLIP's decoder
+            (with image_embed_dim = context_tokens = 0).
     """
 
     def __init__(
@@ -104,9 +110,11 @@ class VideoUNet(nn.Module):
         fps_cond: bool = False,
         noise_level_cond: bool = False,
         unet2d: nn.Module | None = None,
+        text_proj: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.text_proj = text_proj
         self.cond_channels = cond_channels
         self.context_tokens = context_tokens
         self.unet = unet2d if unet2d is not None else build_unet2d(cfg, 3 + cond_channels)
@@ -148,6 +156,13 @@ class VideoUNet(nn.Module):
     def temporal(self) -> bool:
         return self.cfg.temporal
 
+    def null_image_embeds(self, b: int) -> torch.Tensor:
+        """y_e of the unconditional branch of guidance, ``b d``: zero, or unCLIP's learned embedding."""
+        if self.text_proj is None:
+            return torch.zeros(b, self.image_proj[0].in_features, device=self.image_proj[0].weight.device)
+        null = self.text_proj.learned_classifier_free_guidance_embeddings
+        return null.detach()[None].expand(b, -1)
+
     def set_temporal(self, enabled: bool) -> None:
         """Switch the temporal layers off (the network is then exactly the 2D network on each frame)."""
         self.frame_context.enabled = enabled
@@ -161,9 +176,14 @@ class VideoUNet(nn.Module):
         fps: torch.Tensor | None = None,
         cond_frames: torch.Tensor | None = None,
         noise_level: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        text_hidden: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: ``b 3 f h w``; t: ``b`` or scalar; image_embeds: ``b d``; fps, noise_level: ``b``;
-        cond_frames: ``b cond_channels f h w``. Returns ``b 3 f h w``."""
+        cond_frames: ``b cond_channels f h w``; with ``text_proj``: x_e ``text_embeds`` ``b d``, the text
+        encoder's ``text_hidden`` ``b n d`` and ``text_mask`` ``b n``. Returns ``b 3 f h w`` (learned
+        variance: ``b 6 f h w``)."""
         b, _, f, h, w = x.shape
         if self.cond_channels:
             if cond_frames is None or cond_frames.shape[1] != self.cond_channels:
@@ -180,6 +200,15 @@ class VideoUNet(nn.Module):
             cond = cond + self.image_proj(image_embeds.to(x.dtype))
             if self.image_tokens is not None:
                 tokens = rearrange(self.image_tokens(image_embeds.to(x.dtype)), "b (k d) -> b k d", k=self.context_tokens)
+        mask = None
+        if self.text_proj is not None:
+            if image_embeds is None or text_embeds is None or text_hidden is None or text_mask is None:
+                raise ValueError("this network is conditioned on image_embeds, text_embeds, text_hidden and text_mask")
+            tokens, additive = self.text_proj(
+                image_embeddings=image_embeds.to(x.dtype), prompt_embeds=text_embeds.to(x.dtype),
+                text_encoder_hidden_states=text_hidden.to(x.dtype), do_classifier_free_guidance=False)
+            cond = cond + additive
+            mask = F.pad(text_mask.to(x.device).bool(), (self.text_proj.clip_extra_context_tokens, 0), value=True)
         if self.fps_embed is not None:
             if fps is None:
                 raise ValueError("this network is conditioned on fps")
@@ -193,6 +222,8 @@ class VideoUNet(nn.Module):
             if tokens is None:
                 tokens = torch.zeros(b, 1, self.unet.config.cross_attention_dim, device=x.device, dtype=x.dtype)
             kwargs["encoder_hidden_states"] = repeat(tokens, "b k d -> (b f) k d", f=f)
+        if mask is not None:
+            kwargs["attention_mask"] = repeat(mask, "b k -> (b f) k", f=f)
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         with self._lock:
             self.frame_context.frames = f

@@ -18,6 +18,7 @@ import warnings
 from stages.errors import UserError
 from workflows import plan_pools, serve, shapes, train, tune
 from workflows.batch import JobSpec, run_job
+from workflows.importers import unclip as import_unclip
 from workflows.errors import EXIT_FAILED, EXIT_USAGE, CliError, sigterm_as_interrupt
 from workflows.outputs import check_writable, video_paths, write_videos
 from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED, Pipeline, Request
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_parsers(sub)  # recipe, eval, data synth
     tune.add_parsers(sub)  # tune, edit
     plan_pools.add_parser(sub)
+    import_unclip.add_parser(sub)  # import unclip
     return parser
 
 
