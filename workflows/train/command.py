@@ -42,7 +42,7 @@ def run(args) -> int:
     """Bad arguments, data or bundles raise UserError (the CLI prints one line, exit 2) before training starts."""
     if args.workers < 1:
         raise CliError("--workers must be >= 1")
-    cfg = load_train_config(args.config)
+    cfg = load_train_config(args.config, args.stage)
     if args.max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
     load_preset(args.preset)

@@ -14,13 +14,13 @@ import os
 import fsspec
 
 from stages.checkpoint import CheckpointError, load_stage_config
-from stages.config import ConfigError, from_dict
+from stages.config import ConfigError
 from stages.fsio import is_local, join, read_yaml_mapping
 from stages.training import TRAINING_STAGES, TrainConfig
 from workflows.presets import load_preset
 from workflows.train.data import arrow_fs, image_dataset, video_dataset
 from workflows.train.loop import STILLS, train_loop, uses_stills
-from workflows.train.spec import MAX_VIDEO_FRAMES, TRAIN_DIR, TrainJob
+from workflows.train.spec import MAX_VIDEO_FRAMES, TRAIN_DIR, TrainJob, stage_train_config
 from workflows.train.metrics import CSV_NAME, read_rows
 
 def read_metrics(output: str, stage: str) -> list[dict]:
@@ -28,11 +28,12 @@ def read_metrics(output: str, stage: str) -> list[dict]:
     return [{k: float(v) for k, v in row.items()} for row in read_rows(join(output, TRAIN_DIR, stage, CSV_NAME))]
 
 
-def load_train_config(path: str | None) -> TrainConfig:
-    """A TrainConfig YAML (its fields, unknown keys rejected by name); None: the defaults."""
+def load_train_config(path: str | None, stage: str) -> TrainConfig:
+    """``stage``'s TrainConfig from a YAML of its fields, with per-stage fields under ``stages:``
+    (:func:`workflows.train.spec.stage_train_config`; unknown keys rejected by name); None: the defaults."""
     if not path:
         return TrainConfig()
-    return from_dict(TrainConfig, read_yaml_mapping(path, ConfigError), path)
+    return stage_train_config(read_yaml_mapping(path, ConfigError), stage, path)
 
 
 def cpus_needed(workers: int, cpus_per_worker: float) -> float:

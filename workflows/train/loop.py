@@ -60,6 +60,7 @@ def train_loop(loop_config: dict) -> None:
             stage_cfg, net = load_stage(d, spec.produces)
             net, ema, opt = _prepare(net, job, device)
             step = _load_state(d, net, ema, opt)
+    job.check_memory(net, stage_cfg, device)
     resumed_from = step
     lr_scales = [g["lr_scale"] for g in opt.param_groups]
     params = [p for p in net.parameters() if p.requires_grad]

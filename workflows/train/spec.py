@@ -7,13 +7,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from stages.checkpoint import load_stage
+from stages.config import ConfigError, from_dict
 from stages.fsio import absolute, join
-from stages.training import TrainConfig, TrainingStage, start_network, training_stage
+from stages.memory import check_fits, estimate_bytes
+from stages.training import TRAINING_STAGES, VIDEOS, TrainConfig, TrainingStage, start_network, training_stage
 from workflows.presets import DEFAULT_PRESET, load_preset
 
 TRAIN_DIR = "_train"
 MAX_VIDEO_FRAMES = 256  # frames of a training video decoded (clips are sampled from them)
+PER_STAGE = "stages"    # the section of a training config file that sets fields for one training stage
+
+
+def stage_train_config(data: dict, stage: str, where: str) -> TrainConfig:
+    """A training config file's mapping -> ``stage``'s TrainConfig: the common fields, then those its own
+    entry under ``stages:`` sets (e.g. ``stages: {sr-low-video: {batch_size: 1}}``). Every entry is checked,
+    so a mistake in another stage's entry is found now, not when that stage trains."""
+    data = dict(data)
+    sections = data.pop(PER_STAGE, None) or {}
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{where}: {PER_STAGE}: expected a mapping of training stage to fields")
+    unknown = sorted(set(sections) - set(TRAINING_STAGES))
+    if unknown:
+        raise ConfigError(f"{where}: {PER_STAGE}: unknown training stage {unknown[0]!r}; expected one of "
+                          f"{', '.join(TRAINING_STAGES)}")
+    configs = {}
+    for name in {*sections, stage}:
+        own = sections.get(name) or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{where}: {PER_STAGE}.{name}: expected a mapping of fields")
+        configs[name] = from_dict(TrainConfig, {**data, **own}, f"{where} ({PER_STAGE}.{name})" if own else where)
+    return configs[stage]
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,20 @@ class TrainJob:
     def trainable_parameters(self, net) -> set[str] | None:
         """Names of the only parameters of ``net`` to train; None: as the config says (``temporal_only``)."""
         return None
+
+    def check_memory(self, net: torch.nn.Module, stage_cfg, device: torch.device) -> None:
+        """MemoryBudgetError before the first step if a worker's batch, with the weights, gradients, Adam
+        and EMA, cannot fit on ``device`` (an estimate from the config, ``stages.memory``)."""
+        cfg, spec = self.config, self.spec
+        frames = cfg.frames if spec.data == VIDEOS else 1
+        size = spec.data_size(load_preset(self.preset))
+        unet = getattr(stage_cfg, "unet", None) if getattr(stage_cfg, "backbone", "unet") == "unet" else None
+        need = estimate_bytes(sum(p.numel() for p in net.parameters()), unet, frames=cfg.batch_size * frames,
+                              size=size, training=True, gradient_checkpointing=cfg.gradient_checkpointing,
+                              dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        check_fits(f"training {self.stage} at batch_size {cfg.batch_size} ({frames} frames of {size}x{size} each)",
+                   need, device, f"lower batch_size for this stage (the training config's stages: {{{self.stage}: "
+                   "{batch_size: N}}), or set gradient_checkpointing / bf16")
 
     def initial_network(self):
         """(stage config, network) a fresh run starts from: built from the preset, or from ``init``."""
