@@ -187,7 +187,7 @@ def anything_waits() -> bool:
 
 
 def waiting_actors(label: Callable[[str], str | None]) -> Counter[str]:
-    """Actors of the cluster that wait for a node to hold them (created or restarting, no process yet, while
+    """Actors of the cluster that wait for a node to hold them (created or restarting, no worker yet, while
     some demand of the cluster waits for resources: an actor whose worker process is only starting does not
     count), by ``label(actor name)``; names it labels None are not counted. Empty if Ray cannot say."""
     import ray._private.state
@@ -202,7 +202,7 @@ def waiting_actors(label: Callable[[str], str | None]) -> Counter[str]:
             return Counter()
         for info in table.values():
             name = label(info.get("Name") or "")
-            if name is not None and not info.get("Pid"):
+            if name is not None and not (info.get("Address") or {}).get("Port"):  # no worker holds it yet
                 counts[name] += 1
     return counts
 
