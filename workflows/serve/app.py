@@ -36,10 +36,12 @@ def build_app(args: dict) -> serve.Application:
 
 
 def run_local(args: AppArgs, overrides: dict[str, dict] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-              name: str = APP_NAME, route_prefix: str = "/", http_options: dict | None = None) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` in the connected Ray instance and deploy the application;
-    returns once every deployment is running, with the page's URL."""
-    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+              name: str = APP_NAME, route_prefix: str = "/", http_options: dict | None = None,
+              proxy_location: str | None = None) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` in the connected Ray instance (on the nodes ``proxy_location``
+    says) and deploy the application; returns once every deployment is running, with the page's URL."""
+    serve.start(http_options={**(http_options or {}), "host": host, "port": port},
+                **({"proxy_location": proxy_location} if proxy_location else {}))
     serve.run(build_application(args, overrides), name=name, route_prefix=route_prefix, blocking=False)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else shown}:{port}{route_prefix.rstrip('/')}/"

@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "loading the stages...", file=sys.stderr)
             with WaitWatch(functools.partial(waiting_replicas, config.name), print_waits()):
                 url = run_local(spec, overrides, host=host, port=port, name=config.name,
-                                route_prefix=config.route_prefix,
+                                route_prefix=config.route_prefix, proxy_location=config.proxy_location,
                                 http_options={k: v for k, v in config.http_options.items() if k not in ("host", "port")})
             print(f"serving on {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
             while True:

@@ -55,6 +55,7 @@ class ServeConfig:
     args: dict
     overrides: dict[str, dict]          # deployment name -> ``Deployment.options`` keywords
     http_options: dict
+    proxy_location: str | None = None   # HeadOnly, EveryNode or Disabled; None: Serve's default
 
 
 def load_serve_config(path: str | None = None) -> ServeConfig:
@@ -75,8 +76,9 @@ def load_serve_config(path: str | None = None) -> ServeConfig:
     app = apps[0]
     overrides = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
     http = schema.http_options.model_dump(exclude_unset=True) if "http_options" in schema.model_fields_set else {}
+    proxy = schema.proxy_location.value if "proxy_location" in schema.model_fields_set else None
     return ServeConfig(name=app.name, route_prefix=app.route_prefix or "/", args=dict(app.args or {}),
-                       overrides=overrides, http_options=http)
+                       overrides=overrides, http_options=http, proxy_location=proxy)
 
 
 def fit_to_cluster(overrides: dict[str, dict], resources_available: dict[str, float]) -> tuple[dict, list[str]]:
