@@ -359,3 +359,32 @@ def test_temporal_only_and_worker_counts_are_checked_before_training(tmp_path):
     with pytest.raises(ConfigError, match="temporal_only applies to decoder-video, sr-low-video, not decoder"):
         run_training(job)
     assert main(["train", "decoder", "--data", str(tmp_path), "--output", str(tmp_path / "m"), "--workers", "0"]) == 2
+
+
+def test_a_latte_decoder_trains_on_images_then_on_clips_with_still_images_beside_them(ray_session, data, tmp_path):
+    """mav train decoder and decoder-video (joint image–video training) of a tiny Latte D^t on 2 workers."""
+    from importlib import resources
+
+    from stages.cascade import build_stage
+    from stages.checkpoint import save_stage
+    from stages.latte import LatteVideo
+
+    preset = str(resources.files("cluster") / "presets" / "tiny-latte.yaml")
+    clip_bundle = str(tmp_path / "clip")  # fresh CLIP weights: the decoder's loss only reads y_e through it
+    save_stage(clip_bundle, "clip", load_preset(preset).clip, build_stage("clip", load_preset(preset).clip))
+    out = data.replace("/shapes", "/latte")
+    short = dataclasses.replace(CONFIG, max_steps=2, log_every=2, checkpoint_every=2)
+    image = run_training(TrainJob(stage="decoder", data=(data,), output=out, config=short, preset=preset,
+                                  clip=clip_bundle, workers=2))
+    cfg, net = load_stage(out, "decoder")
+    assert isinstance(net, LatteVideo) and cfg.backbone == "latte" and not cfg.latte.temporal
+    assert np.allclose(probe("decoder", net), image["probe"], rtol=1e-5, atol=1e-6)
+    joint = dataclasses.replace(short, joint_images=2)
+    video = run_training(TrainJob(stage="decoder-video", data=(data,), output=out, config=joint, preset=preset,
+                                  clip=clip_bundle, init=out, workers=2))
+    cfg, net = load_stage(out, "decoder")
+    assert cfg.latte.temporal and temporal_parameter_names(net) and np.isfinite(video["loss"])
+    assert np.allclose(probe("decoder", net), video["probe"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="joint_images .* applies to decoder-video, not interpolation"):
+        run_training(TrainJob(stage="interpolation", data=(data,), output=out, config=joint, preset=preset,
+                              clip=clip_bundle, init=out))
