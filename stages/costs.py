@@ -108,8 +108,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_evaluation(name: str, cfg: CascadeConfig, device: str | torch.device, reps: int = 2) -> float:
-    """Median wall seconds of one evaluation on ``device`` (fresh weights, after one untimed warm-up call).
+def seconds_per_evaluation(name: str, cfg: CascadeConfig, device: str | torch.device, reps: int = 2,
+                           dtype: torch.dtype = torch.float32) -> float:
+    """Median wall seconds of one evaluation on ``device`` (fresh weights, after one untimed warm-up call),
+    under ``dtype`` autocast unless it is float32; on CUDA the network is in channels-last memory, as the
+    runners keep it.
 
     A video stage that runs out of device memory at the preset's frame count is timed on half as many frames,
     and so on; the time is then scaled by the FLOPs of the full evaluation over those of the timed one.
@@ -117,12 +120,14 @@ def seconds_per_evaluation(name: str, cfg: CascadeConfig, device: str | torch.de
     device = torch.device(device)
     with torch.device(device):
         net = build_stage(name, getattr(cfg, name)).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     full = evaluation_shape(name, cfg)[0] if name in VIDEO_STAGES else None
     frames = full
     try:
         while True:
             try:
-                seconds = _timed(name, net, cfg, device, frames, reps)
+                seconds = _timed(name, net, cfg, device, frames, reps, dtype)
                 return seconds if frames == full else seconds * count_flops(name, cfg) / count_flops(name, cfg, frames)
             except torch.OutOfMemoryError:
                 if not frames or frames <= 2:
@@ -136,10 +141,10 @@ def seconds_per_evaluation(name: str, cfg: CascadeConfig, device: str | torch.de
 
 
 def _timed(name: str, net: nn.Module, cfg: CascadeConfig, device: torch.device, frames: int | None,
-           reps: int) -> float:
+           reps: int, dtype: torch.dtype) -> float:
     call = network_call(name, net, cfg, frames)
     walls = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         call()
         _synchronize(device)
         for _ in range(reps):

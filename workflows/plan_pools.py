@@ -31,6 +31,7 @@ from workflows.balance import StageLoad, chain_rate, plan
 from workflows.errors import CliError
 from workflows.pools import PoolConfig, load_pools, parse_pools
 from workflows.presets import DEFAULT_MODEL, choose_model, load_preset
+from workflows.runners import DTYPES, network_dtype
 
 LABELS = {"clip": "CLIP text", "prior": "P", "decoder": "D^t", "interpolation": "↑F", "sr_low": "SR_l^t",
           "sr_high": "SR_h", "writer": "MP4 writer"}
@@ -45,21 +46,22 @@ class Costs:
     notes: dict[str, str]                # stage -> why it was not costed
 
 
-def stage_costs(cfg: CascadeConfig, device: str | None, reps: int = 2) -> Costs:
-    """Each stage's cost per video: seconds timed on ``device`` (median of ``reps``), or FLOPs counted when it
-    is None."""
+def stage_costs(cfg: CascadeConfig, device: str | None, reps: int = 2, dtype: torch.dtype = torch.float32) -> Costs:
+    """Each stage's cost per video: seconds timed on ``device`` (median of ``reps``, under ``dtype``), or FLOPs
+    counted when it is None."""
     per_video: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     for name in STAGE_NAMES:
         try:
-            one = seconds_per_evaluation(name, cfg, device, reps) if device else count_flops(name, cfg)
+            one = seconds_per_evaluation(name, cfg, device, reps, dtype) if device else count_flops(name, cfg)
         except ValueError as e:   # a stage whose network is not built from its config alone
             per_video[name], notes[name] = None, str(e)
             continue
         per_video[name] = one * evaluations_per_sample(name, cfg)
     if device:
         gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
-        how = f"seconds per video measured on {gpu} (fresh weights, one timed evaluation per stage, fp32)"
+        arithmetic = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
+        how = f"seconds per video measured on {gpu} (fresh weights, one timed evaluation per stage, {arithmetic})"
         return Costs(per_video, "s", how, notes)
     how = ("FLOPs per video counted from the model's sizes: no GPU on this machine, so the plan assumes every "
            "stage runs at the same FLOP/s (run plan-pools on a GPU node to plan from measured seconds)")
@@ -127,6 +129,8 @@ def render(command: str, costs: Costs, pools: dict[str, PoolConfig], counts: dic
             lines.append(f"  queue_depth: {p.queue_depth}")
         if p.resources:
             lines.append("  resources: {" + ", ".join(f"{k}: {v:g}" for k, v in p.resources.items()) + "}")
+        if p.compile:
+            lines.append("  compile: true")
     text = "\n".join(lines) + "\n"
     parse_pools(text, "the planned pools")   # what mav batch will read
     return text
@@ -151,10 +155,14 @@ def cmd_plan_pools(args: argparse.Namespace) -> int:
     else:
         cfg = load_preset(preset)
     device = "cuda" if torch.cuda.is_available() and not args.flops else None
-    costs = stage_costs(cfg, device)
+    dtype = network_dtype(args.dtype, torch.device(device or "cpu"))
+    if device:
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls, as the runners compute on CUDA
+    costs = stage_costs(cfg, device, dtype=dtype)
     counts = allocate(costs, pools, args.gpus)
     model = f"--checkpoint {checkpoint}" if checkpoint else f"--preset {preset}"
-    command = f"mav plan-pools --gpus {args.gpus:g} {model}" + (" --flops" if args.flops else "")
+    command = f"mav plan-pools --gpus {args.gpus:g} {model}" + (" --flops" if args.flops else "") + (
+        f" --dtype {args.dtype}" if args.dtype != "auto" else "")
     text = render(command, costs, pools, counts, args.gpus)
     if args.out:
         write_bytes_atomic(args.out, text.encode())
@@ -173,6 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                         f"shipped demo model cluster/models/{DEFAULT_MODEL}, unless --preset is given)")
     p.add_argument("--pools", help="batch sizes, CPUs and GPUs per actor (default cluster/pools.yaml)")
     p.add_argument("--flops", action="store_true", help="plan from FLOP counts even on a machine with a GPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="arithmetic of the timed evaluations, as mav batch's --dtype (default auto: bf16 on CUDA)")
     p.add_argument("--out", help="write the pools file here (local path or fsspec URL) instead of printing it")
     p.set_defaults(func=cmd_plan_pools)
     return p

@@ -1,11 +1,15 @@
 """``mav plan-pools``: a pools file that mav batch reads, with the GPUs where the cost is; costs counted or timed."""
 
+import dataclasses
+
 import pytest
+import torch
 
 from stages.config import STAGE_NAMES
+from stages.costs import seconds_per_evaluation
 from workflows.cli import main
-from workflows.plan_pools import Costs, allocate, stage_costs
-from workflows.pools import load_pools
+from workflows.plan_pools import Costs, allocate, render, stage_costs
+from workflows.pools import load_pools, parse_pools
 from workflows.presets import load_preset
 
 # One paper-preset video's TFLOPs per stage (stages.costs: FLOPs per evaluation × evaluations per video).
@@ -20,6 +24,11 @@ def test_paper_costs_put_the_most_gpus_on_sr_high():
     assert counts["sr_high"] > counts["sr_low"] > counts["decoder"]
     pools = load_pools()
     assert sum(pools[s].gpus * n for s, n in counts.items()) <= 8
+    # The file starts each pool at the plan and keeps what the base pools say beyond actor counts.
+    pools["sr_high"] = dataclasses.replace(pools["sr_high"], compile=True)
+    planned = parse_pools(render("mav plan-pools --gpus 8", costs, pools, counts, 8))
+    assert planned["sr_high"].start_actors == counts["sr_high"] and planned["sr_high"].compile
+    assert planned["sr_low"].batch_size == pools["sr_low"].batch_size
 
 
 def test_plan_pools_writes_a_pools_file_mav_batch_reads(tmp_path, capsys):
@@ -45,6 +54,8 @@ def test_costs_are_timed_on_a_device():
     assert all(v > 0 for v in costs.per_video.values())
     # SR_h's video is one evaluation per frame and step: it costs more than one of its evaluations.
     assert costs.per_video["sr_high"] > costs.per_video["clip"]
+    # Timed under bfloat16 autocast, as the runners compute on CUDA by default.
+    assert seconds_per_evaluation("prior", load_preset("tiny"), "cpu", reps=1, dtype=torch.bfloat16) > 0
 
 
 @pytest.mark.parametrize("gpus", ["0", "-1"])
