@@ -205,11 +205,18 @@ def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps
 
 
 def sr_loss(net: nn.Module, in_size: int, video: torch.Tensor, noise_aug_max: int, cfg: DiffusionConfig,
-            generator: torch.Generator, snr_gamma: float = 0.0, shared: float = 0.0) -> torch.Tensor:
+            generator: torch.Generator, snr_gamma: float = 0.0, shared: float = 0.0,
+            low_res: str = "noised") -> torch.Tensor:
     """SR on ``b 3 f H W`` targets: the condition is the target downsampled to ``in_size``, upsampled
     back and noised to a random level t_aug ≤ ``noise_aug_max`` (given to the network); the noise of the
-    target shares ρ = ``shared`` across frames."""
+    target shares ρ = ``shared`` across frames. ``low_res`` unclip: upsampled bicubically, clean, as
+    unCLIP's upsamplers take it (cascade.super_resolve_video)."""
     b, _, f, H, _ = video.shape
+    if low_res == "unclip":
+        cond = {"cond_frames": cascade.upsample(downsample_video(video, in_size).clamp(-1, 1), H, mode="bicubic"),
+                "noise_level": torch.zeros(b, device=video.device)}
+        return training_loss(net, video, cfg=cfg, cond=cond, generator=generator,
+                             noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
     frames = rearrange(video, "b c f h w -> (b f) c h w")
     low = F.interpolate(downsample(frames, in_size), size=(H, H), mode="bilinear", align_corners=False)
     low = rearrange(low, "(b f) c h w -> b c f h w", b=b)
@@ -305,7 +312,7 @@ def _interpolation_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch
 def _sr_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
     cfg = ctx.stage_cfg
     return sr_loss(model, cfg.in_size, downsample_video(x.pixels, cfg.out_size), ctx.train.noise_aug_max, cfg.diffusion,
-                   ctx.generator, ctx.train.min_snr_gamma, shared=_frame_noise(cfg).shared)
+                   ctx.generator, ctx.train.min_snr_gamma, shared=_frame_noise(cfg).shared, low_res=cfg.low_res)
 
 
 def _clip_input_size(preset: CascadeConfig) -> int:
@@ -396,8 +403,12 @@ def start_network(stage: TrainingStage, preset: CascadeConfig,
         # A new cascade stage: the preset's config, with the conditioning sizes and backbone of the network it
         # starts from.
         net = (latte.widen_input if is_latte else widen_input)(net, stage.widen)
+        # From an imported unCLIP decoder, ↑F keeps its text conditioning and the schedule its output was
+        # trained for (learned variance), as the importer's own ↑F does.
+        unclip_parts = {"conditioning": "unclip", "diffusion": replace(init_cfg.diffusion, guidance=1.0)} \
+            if getattr(init_cfg, "conditioning", "image") == "unclip" else {}
         return replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens,
-                       **network), net
+                       **network, **unclip_parts), net
     return replace(init_cfg, frame_noise=target.frame_noise, **network), net
 
 

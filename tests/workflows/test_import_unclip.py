@@ -192,3 +192,26 @@ def test_sr_high_from_a_bundle(small_source, small_bundle, tmp_path):
     a, b = load_stage(out, "sr_high")[1].state_dict(), load_stage(small_bundle, "sr_high")[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.isfinite([float(v.float().abs().sum()) for v in a.values()]).all()
+
+
+@pytest.mark.parametrize("stage", ["interpolation", "sr-low-video"])
+def test_the_other_video_stages_start_from_the_imported_bundle_and_learn(small_bundle, tmp_path, stage):
+    """What mav train interpolation / sr-low-video --init IMPORTED start from: a network whose loss
+    reaches its temporal layers, saved and loaded back as the same stage."""
+    from stages.checkpoint import save_stage
+    from stages.training import LossContext, Samples, TrainConfig, start_network, training_stage
+    from workflows.presets import load_preset
+
+    spec = training_stage(stage)
+    cfg, net = start_network(spec, load_preset("tiny"), init=load_stage(small_bundle, spec.init))
+    size = cfg.out_size if stage == "sr-low-video" else load_stage(small_bundle, "decoder")[0].size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 4, size, size, generator=g) * 2 - 1
+    ctx = LossContext(stage_cfg=cfg, train=TrainConfig(), generator=g, clip=load_stage(small_bundle, "clip")[1])
+    loss = spec.loss(net.train(), Samples(pixels=pixels, fps=torch.tensor([4.0, 8.0])), ctx)
+    loss.backward()
+    temporal = [p.grad for n, p in net.named_parameters() if ".temporal_" in n]
+    assert torch.isfinite(loss) and any(grad is not None and grad.abs().sum() > 0 for grad in temporal)
+    save_stage(str(tmp_path), spec.produces, cfg, net)
+    loaded_cfg, loaded = load_stage(str(tmp_path), spec.produces)
+    assert loaded_cfg == cfg and loaded.state_dict().keys() == net.state_dict().keys()
