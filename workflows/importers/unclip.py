@@ -406,8 +406,8 @@ def verify(src: str, bundle: str, *, prompt: str = "a photo of a cat", seed: int
 
     Both start every stage from the same initial noise (drawn here, in float32) and draw every step's
     noise from one generator in the pipeline's order (prior, decoder, upsampler). In float32 the first
-    upsampler step, x_0 = (x_T − √(1 − ᾱ_T) ε) / √ᾱ_T with ᾱ_T ≈ 1e−9 (Karlo's schedule), multiplies the
-    decoder's round-off by 1/√ᾱ_T wherever x_0 escapes the clamp: float64 shows the mapping is exact.
+    upsampler step, x_0 = (x_T − √(1 − ᾱ_T) ε) / √ᾱ_T with ᾱ_T ≈ 2e−9 (Karlo's schedule), multiplies the
+    decoder's round-off by 1/√ᾱ_T wherever x_0 stays inside the clamp: float64 shows the mapping is exact.
     ``src`` must be a local directory (from_pretrained reads it).
     """
     import diffusers
