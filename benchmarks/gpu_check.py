@@ -23,7 +23,10 @@ training    data-parallel training steps of SR_l^t's network (the cpu preset's s
             all-reduced over the group at every log step, as the loop does with more than one worker): seconds
             per step. --smoke uses gloo on the CPU instead.
 
---smoke runs every section at the tiny preset's sizes on the CPU (compile skipped), so the script is tested.
+--smoke runs every section at the tiny preset's sizes on the CPU (compile skipped), so the script is tested;
+--temporal-only C F S runs the temporal section alone at that shape, on the CPU where there is no GPU:
+
+    .venv/bin/python benchmarks/gpu_check.py --temporal-only 16 76 64 --reps 5 --out /tmp/temporal.json
 """
 
 from __future__ import annotations
@@ -315,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall time for the stage section (default 420)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--reps", type=int, default=2, help="timed passes after the warm-up (default 2)")
+    parser.add_argument("--temporal-only", type=int, nargs=3, metavar=("CHANNELS", "FRAMES", "SIZE"),
+                        help="only the temporal layouts, at this shape, on the device at hand (CPU without CUDA)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.temporal_only:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rows = measure_temporal(*args.temporal_only, device, args.reps)
+        Path(args.out).write_text(json.dumps({"device": str(device), "load": os.getloadavg(), "temporal": rows}, indent=1))
+        return 0
     if args.smoke:
         device = torch.device("cpu")
         preset, train_preset = load_preset("tiny"), load_preset("tiny")
