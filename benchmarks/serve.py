@@ -1,8 +1,9 @@
-"""Latency and throughput of the Serve endpoint (`mav serve`), with and without dynamic batching, and the
-overhead of the Serve path against the in-process pipeline.
+"""Latency and throughput of the Serve endpoint (`mav serve`), with and without dynamic batching, the
+overhead of the Serve path against the in-process pipeline, and one request's latency as SR_h scales.
 
     .venv/bin/python benchmarks/serve.py --out /tmp/serve.json            # CPU preset, ~40 min on 2 cores
     .venv/bin/python benchmarks/serve.py --concurrency 1 4 --steps 2     # a shorter run
+    .venv/bin/python benchmarks/serve.py --modes --fanout 1 2 4 --threads 1 --steps 2   # SR_h fan-out only
 
 Sections (figures go into BENCHMARKS.md, "Serving (mav serve)"):
 
@@ -13,8 +14,13 @@ load       The application of cluster/serve.yaml on a local Ray instance (GPU re
            throughput is answered requests over the wall time of the level. Run twice: with the config's
            ``user_config`` batching ("batching on") and with ``max_batch_size: 1`` on every stage ("off").
            The stage batch sizes each request shared are read from its ``X-Batch-Sizes`` header.
-overhead   Concurrency 1: the Serve request's latency (HTTP, six deployment calls, MP4 encoding in the ingress)
-           against ``Pipeline.generate`` plus ``encode_mp4`` in this process with the same torch thread count,
+fanout     One request at a time (``--reps`` timed after a warm-up) with SR_h at each replica count of
+           ``--fanout``: the ingress splits SR_h's frames into one chunk per running replica. Every other
+           deployment has one replica; every replica has ``--threads`` CPUs. Latency is request to last byte;
+           the SR_h seconds are the slowest chunk's (``X-Stage-Seconds``); the MP4 bytes of each count are
+           compared with those of the first.
+overhead   Concurrency 1: the Serve request's latency (HTTP, the chained deployment calls, MP4 encoding in the
+           encoder) against ``Pipeline.generate`` plus ``encode_mp4`` in this process with the same torch thread count,
            the same prompt, seed and steps. Medians of ``--reps`` runs each, interleaved.
 
 On a shared machine compare only figures of one run.
@@ -52,14 +58,17 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def overrides_for(threads: int, batching: bool) -> dict[str, dict]:
-    """cluster/serve.yaml's deployments fitted to this machine: no GPUs, one replica per stage, ``threads``
-    CPUs (= torch threads) per stage replica; with ``batching`` off every stage's max_batch_size is 1."""
+def overrides_for(threads: int, batching: bool, sr_high_replicas: int = 1) -> dict[str, dict]:
+    """cluster/serve.yaml's deployments fitted to this machine: no GPUs, one replica per stage (SR_h:
+    ``sr_high_replicas``) and one encoder, ``threads`` CPUs (= torch threads) per stage replica; with
+    ``batching`` off every stage's max_batch_size is 1."""
     overrides, _ = fit_to_cluster(load_serve_config().overrides, {"CPU": float(os.cpu_count() or 1)})
-    for name in STAGE_NAMES:
+    for name in (*STAGE_NAMES, "encoder"):
         opts = overrides[name]
         opts.pop("autoscaling_config", None)
-        opts["num_replicas"] = 1
+        opts["num_replicas"] = sr_high_replicas if name == "sr_high" else 1
+        if name == "encoder":
+            continue
         opts["ray_actor_options"] = {**opts.get("ray_actor_options", {}), "num_cpus": threads}
         if not batching:
             opts["user_config"] = {**opts.get("user_config", {}), "max_batch_size": 1}
@@ -102,11 +111,11 @@ async def closed_loop(url: str, concurrency: int, total: int, steps: int | None,
     }
 
 
-def deploy(threads: int, batching: bool, port: int) -> str:
+def deploy(threads: int, batching: bool, port: int, sr_high_replicas: int = 1) -> str:
     from ray import serve
 
     serve.shutdown()
-    url = run_local(AppArgs(preset="cpu"), overrides_for(threads, batching), port=port)
+    url = run_local(AppArgs(preset="cpu"), overrides_for(threads, batching, sr_high_replicas), port=port)
     with httpx.Client(base_url=url, timeout=60) as c:
         deadline = time.monotonic() + 600
         while c.get("readyz").status_code != 200:
@@ -116,11 +125,34 @@ def deploy(threads: int, batching: bool, port: int) -> str:
     return url
 
 
-def serve_once(url: str, body: dict) -> tuple[float, bytes]:
+def serve_once(url: str, body: dict, *, response: bool = False):
     start = time.perf_counter()
     r = httpx.post(url + "v1/videos", json=body, timeout=3600)
     r.raise_for_status()
-    return time.perf_counter() - start, r.content
+    return (time.perf_counter() - start, r) if response else (time.perf_counter() - start, r.content)
+
+
+def fanout(counts: list[int], threads: int, steps: int | None, reps: int, port: int) -> list[dict]:
+    """One request at a time with SR_h at each replica count in ``counts``."""
+    body = {"prompt": "a red ball bouncing", "seed": 7, **({"steps": steps} if steps else {})}
+    rows, first = [], None
+    for n in counts:
+        url = deploy(threads, True, port, sr_high_replicas=n)
+        serve_once(url, body)  # warm-up: first calls of every stage
+        latencies, sr_high = [], []
+        for _ in range(reps):
+            seconds, r = serve_once(url, body, response=True)
+            latencies.append(seconds)
+            sr_high.append(float(dict(kv.split("=") for kv in r.headers["x-stage-seconds"].split(","))["sr_high"]))
+            first = r.content if first is None else first
+        row = {"sr_high_replicas": n, "chunks": int(r.headers["x-frame-chunks"]), "latencies_s": latencies,
+               "p50_s": statistics.median(latencies), "sr_high_p50_s": statistics.median(sr_high),
+               "same_bytes_as_first": r.content == first}
+        rows.append(row)
+        print(f"fanout: SR_h replicas {n} ({row['chunks']} chunks): latency p50 {row['p50_s']:.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in latencies)}), SR_h {row['sr_high_p50_s']:.2f} s, "
+              f"same MP4 bytes as with {counts[0]}: {row['same_bytes_as_first']}", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="runs per side of the overhead section")
     parser.add_argument("--steps", type=int, help="sampling steps of every stage (default: the preset's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per stage replica and in-process")
-    parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"], help="batching modes")
+    parser.add_argument("--modes", nargs="*", default=["on", "off"], choices=["on", "off"],
+                        help="batching modes of the load section (none: skip it and the overhead section)")
+    parser.add_argument("--fanout", type=int, nargs="+", metavar="N", help="SR_h replica counts of the fanout section")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", help="write the figures as JSON here too")
     args = parser.parse_args(argv)
@@ -140,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from workflows.video import encode_mp4
 
     torch.set_num_threads(args.threads)
-    stage_cpus = args.threads * len(STAGE_NAMES)
+    stage_cpus = args.threads * (len(STAGE_NAMES) - 1 + max(args.fanout or [1])) + 1  # and the encoder
     init_ray(None, stage_cpus)
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "threads": args.threads, "steps": args.steps, "load": {}, "overhead": {}}
+               "cpus": os.cpu_count(), "threads": args.threads, "steps": args.steps, "load": {}, "overhead": {},
+               "fanout": []}
     print(f"# {results['date']}  {os.cpu_count()} CPUs, {args.threads} torch threads per stage replica, "
           f"steps {args.steps or 'preset'}")
 
@@ -181,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"p50 {row['p50_s']:.1f} s  p95 {row['p95_s']:.1f} s  {row['throughput_per_min']:.2f} videos/min  "
                   f"mean batch: {sizes}", flush=True)
         results["load"][mode] = rows
+    if args.fanout:
+        results["fanout"] = fanout(args.fanout, args.threads, args.steps, args.reps, args.port)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
