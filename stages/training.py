@@ -516,6 +516,13 @@ def probe(stage: str, net: nn.Module) -> list[float]:
                 kwargs["noise_level"] = torch.tensor([50.0], device=dev)
             if net.cond_channels:
                 kwargs["cond_frames"] = torch.randn(1, net.cond_channels, f, size, size, generator=g).to(dev)
+            proj = getattr(net, "text_proj", None)
+            if proj is not None:  # an imported unCLIP D^t or ↑F: y_e, x_e and 5 text tokens of its widths
+                d = proj.config.clip_embeddings_dim
+                kwargs.update(image_embeds=torch.randn(1, d, generator=g).to(dev),
+                              text_embeds=torch.randn(1, d, generator=g).to(dev),
+                              text_hidden=torch.randn(1, 5, d, generator=g).to(dev),
+                              text_mask=torch.ones(1, 5, dtype=torch.bool, device=dev))
             out = net(x, torch.tensor([500], device=dev), **kwargs)
     out = out.double()
     return [float(out.mean()), float(out.std()), float(out.abs().max()), float(out.flatten()[: 97].sum())]
