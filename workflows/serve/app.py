@@ -24,7 +24,8 @@ def build_application(args: AppArgs, overrides: dict[str, dict] | None = None) -
         return {"name": name, **{k: v for k, v in overrides.get(name, {}).items() if k != "name"}}
 
     checkpoint, preset = choose_model(args.checkpoint, args.preset)
-    stages = {name: Stage.options(**options(name)).bind(name, checkpoint, preset) for name in STAGE_NAMES}
+    stages = {name: Stage.options(**options(name)).bind(name, checkpoint, preset, args.dtype)
+              for name in STAGE_NAMES}
     encoder = Encoder.options(**options("encoder")).bind()
     store = JobStore.options(**options("jobs")).bind(args.max_active_jobs, args.keep_finished_jobs)
     return Api.options(**options("api")).bind(stages, encoder, store, args)

@@ -91,7 +91,7 @@ class Stage:
     the video's own noise: the n chunks joined are the frames SR_h makes of the whole video, bit for bit.
     """
 
-    def __init__(self, stage: str, checkpoint: str | None, preset: str) -> None:
+    def __init__(self, stage: str, checkpoint: str | None, preset: str, dtype: str = "auto") -> None:
         import torch
 
         if stage not in RUNNER_OF:
@@ -99,7 +99,7 @@ class Stage:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.stage = stage
-        self.runner = RUNNER_OF[stage](checkpoint=checkpoint, preset=preset)
+        self.runner = RUNNER_OF[stage](checkpoint=checkpoint, preset=preset, dtype=dtype)
         self.settings = BatchSettings()
         self.batch_sizes: Counter[int] = Counter()
         self.busy_seconds = 0.0
