@@ -73,9 +73,10 @@ def cmd_edit(args) -> int:
         raise CliError(f"--seed must be in 0..{MAX_SEED - len(prompts)}, got {seed}")
     paths = video_paths(args.out, prompts)
     start = time.perf_counter()
-    print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else ""), file=sys.stderr)
     videos = run_edits(args.tuned, prompts, seed=seed, steps=args.steps, guidance=args.guidance,
                        inversion=not args.no_inversion, progress=StageBars())
     write_videos(paths, videos, prompts)
-    print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    # The seed is said with the result, so that a refused input stays a one-line error.
+    print(f"seed {seed}" + (f" (prompt i uses {seed}+i)" if len(prompts) > 1 else "")
+          + f"; done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0

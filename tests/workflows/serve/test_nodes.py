@@ -48,7 +48,9 @@ def test_a_removed_replica_node_is_replaced_and_requests_go_on(local_cluster, tm
             before = c.post("/v1/videos", json={"prompt": "x", "seed": 1})
             assert before.status_code == 200 and is_mp4(before.content), before.text
             job_id = c.post("/v1/jobs", json={"prompt": "across nodes", "seed": 2, "steps": 60}).json()["id"]
-            while c.get(f"/v1/jobs/{job_id}").json()["stages"][STAGE_NAMES.index("sr_high")]["status"] == "pending":
+            deadline = time.monotonic() + 240
+            while (job := c.get(f"/v1/jobs/{job_id}").json())["stages"][STAGE_NAMES.index("sr_high")]["status"] == "pending":
+                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, json.dumps(job)
                 time.sleep(0.1)
             cluster.remove_node(worker)  # SR_h's only replica goes with its node, the job's chunk on it
             cluster.add_node(num_cpus=1, resources={WORKER: 100})
