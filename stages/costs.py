@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from stages.cascade import build_stage, encode_text, infill_inputs
 from stages.config import CascadeConfig
 
-PROMPT = "a red ball bouncing on a wooden floor"
+PROMPT = "a photograph of a city street at night"  # any prompt: the text is padded to the context length
 FPS = 5.0          # keyframe rate D^t is conditioned on in one evaluation (any rate costs the same)
 TIMESTEP = 500     # t of one evaluation (any t costs the same)
 VIDEO_STAGES = ("decoder", "interpolation", "sr_low", "sr_high")
