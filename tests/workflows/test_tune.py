@@ -86,6 +86,19 @@ def test_only_the_named_parameters_change(tuned, tiny_bundle):
     assert not any(".to_k." in n or ".to_v." in n or ".temporal_conv." in n for n in names)
 
 
+def test_steps_zero_inverts_the_base_decoder_untuned(clip, tiny_bundle, tmp_path):
+    out = str(tmp_path / "untuned")
+    code, err = run_mav(["tune", clip, "--caption", CAPTION, "--output", out, "--checkpoint", tiny_bundle,
+                         "--steps", "0", "--fps", "10"])
+    assert code == 0, err
+    assert load_settings(out).parameters == () and not (tmp_path / "untuned" / "_train").exists()
+    cfg, net = load_stage(out, "decoder")
+    assert cfg.unet.spatial_attention == "sparse_causal" and cfg.diffusion.sampler == "ddim"
+    base = load_stage(tiny_bundle, "decoder")[1].state_dict()
+    assert all(torch.equal(base[k], v) for k, v in net.state_dict().items())
+    assert load_inversion(out) is not None
+
+
 def test_edit_end_to_end_is_deterministic(tuned, tmp_path, tiny_config):
     out, _ = tuned
     videos = {}

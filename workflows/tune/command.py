@@ -27,7 +27,8 @@ def add_parsers(sub) -> None:
     tu.add_argument("--caption", required=True, help="what the clip shows, e.g. 'a red circle on a white background'")
     tu.add_argument("--output", required=True, metavar="URL", help="the tuned bundle to write (a new directory/prefix)")
     tu.add_argument("--checkpoint", metavar="BUNDLE", help="the bundle tuned from (default: the shipped demo model)")
-    tu.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"optimizer steps (default {DEFAULTS.steps})")
+    tu.add_argument("--steps", type=int, default=DEFAULTS.steps,
+                    help=f"optimizer steps (default {DEFAULTS.steps}; 0: no tuning, the base D^t's inversion only)")
     tu.add_argument("--lr", type=float, default=DEFAULTS.lr, help=f"learning rate (default {DEFAULTS.lr:g})")
     tu.add_argument("--train", choices=TRAINABLE, default=DEFAULTS.train,
                     help="parameters trained: the attention queries and temporal attention (default), the temporal "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import cascade
-from stages.checkpoint import load_bundle_config, load_stage, save_reference, stage_source
+from stages.checkpoint import load_bundle_config, load_stage, save_reference, save_stage, stage_source
 from stages.config import STAGE_NAMES, ConfigError, dump_yaml, load_yaml
 from stages.fsio import absolute, join, read_bytes, write_bytes_atomic
 from stages.inversion import INVERSION_FILE, invert_keyframes, save_inversion
@@ -40,7 +40,7 @@ ROWS_PER_WORKER = 16  # copies of the one clip in each worker's shard: steps per
 
 @dataclass(frozen=True, kw_only=True)
 class TuneOptions:
-    steps: int = 300                # optimizer steps
+    steps: int = 300                # optimizer steps; 0: no tuning (the base D^t, its source inverted)
     lr: float = 1e-4
     train: str = "queries"          # which parameters of D^t (stages.tuning.TRAINABLE)
     fps: int = 5                    # keyframe rate asked for: the clip is sampled every round(clip fps / fps) frames
@@ -50,8 +50,8 @@ class TuneOptions:
     gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise TuneError(f"--steps must be >= 1, got {self.steps}")
+        if self.steps < 0:
+            raise TuneError(f"--steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise TuneError(f"--lr must be > 0, got {self.lr}")
         if self.train not in TRAINABLE:
@@ -157,26 +157,20 @@ def run_tune(video: str, caption: str, output: str, options: TuneOptions, *, che
     except Exception as e:  # any filesystem's refusal: permissions, missing bucket, credentials
         raise TuneError(f"cannot write to {output}: {e}") from None
     y = source_condition(base, options.condition, caption, keyframes, options.seed)
-    names = trainable_parameters(net, options.train)
+    names = trainable_parameters(net, options.train) if options.steps else []
     count = sum(p.numel() for n, p in net.named_parameters() if n in set(names))
     log(f"tuning D^t on {len(indices)} keyframes of {video} (frames {indices[0]}..{indices[-1]} every "
         f"{indices[1] - indices[0] if len(indices) > 1 else 1}, {fps:g} fps, {cfg.size}x{cfg.size}) under the "
-        f"{options.condition} condition; training {options.train}: {len(names)} tensors, {count} weights")
+        f"{options.condition} condition; " + (f"training {options.train}: {len(names)} tensors, {count} weights"
+                                             if options.steps else "no training (--steps 0): inversion only"))
     for name in names:
         log(f"  {name}")
 
-    if connect is not None:
-        connect()
-    job = TuneJob(stage="tune", data=(), output=output, init=base,
-                  config=TrainConfig(batch_size=1, lr=options.lr, max_steps=options.steps, ema_decay=0.0,
-                                     frames=cfg.frames, log_every=max(1, options.steps // 10),
-                                     checkpoint_every=options.steps, seed=options.seed, cache_data=True),
-                  workers=options.workers, gpus_per_worker=options.gpus_per_worker,
-                  image_embeds=tuple(float(v) for v in y[0]), train=options.train)
-    metrics = run_training(job, datasets={"train": _clip_rows(keyframes, fps, options.workers)})
-    fs, run_dir = fsspec.core.url_to_fs(job.run_dir)
-    for checkpoint in fs.glob(f"{run_dir}/checkpoint_*"):  # a run to resume from: nothing resumes a tuning
-        fs.rm(checkpoint, recursive=True)
+    if options.steps:
+        metrics = _train(output, base, cfg, keyframes, fps, y, options, connect)
+    else:  # inversion only: the base D^t with sparse-causal attention and DDIM sampling, as start_tuning made it
+        save_stage(output, "decoder", cfg, net)
+        metrics = {}
 
     tuned_cfg, tuned = load_stage(output, "decoder")
     with torch.no_grad():
@@ -192,6 +186,25 @@ def run_tune(video: str, caption: str, output: str, options: TuneOptions, *, che
                             seconds=round(time.perf_counter() - start, 1))
     write_bytes_atomic(join(output, SETTINGS_FILE), dump_yaml(settings).encode())
     return settings
+
+
+def _train(output: str, base: str, cfg, keyframes: np.ndarray, fps: float, y: torch.Tensor, options: TuneOptions,
+           connect: Callable[[], object] | None) -> dict:
+    """D^t of ``base`` tuned on the keyframes under y_e ``y`` on Ray Train into ``output/decoder``; the final
+    metrics."""
+    if connect is not None:
+        connect()
+    job = TuneJob(stage="tune", data=(), output=output, init=base,
+                  config=TrainConfig(batch_size=1, lr=options.lr, max_steps=options.steps, ema_decay=0.0,
+                                     frames=cfg.frames, log_every=max(1, options.steps // 10),
+                                     checkpoint_every=options.steps, seed=options.seed, cache_data=True),
+                  workers=options.workers, gpus_per_worker=options.gpus_per_worker,
+                  image_embeds=tuple(float(v) for v in y[0]), train=options.train)
+    metrics = run_training(job, datasets={"train": _clip_rows(keyframes, fps, options.workers)})
+    fs, run_dir = fsspec.core.url_to_fs(job.run_dir)
+    for checkpoint in fs.glob(f"{run_dir}/checkpoint_*"):  # a run to resume from: nothing resumes a tuning
+        fs.rm(checkpoint, recursive=True)
+    return metrics
 
 
 def _clip_rows(keyframes: np.ndarray, fps: float, workers: int):
