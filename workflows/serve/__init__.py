@@ -13,7 +13,10 @@ Deployments (their names are the keys of ``deployments:`` in ``cluster/serve.yam
   ``autoscaling_config``, ``ray_actor_options``) and batches dynamically (``@serve.batch``; ``user_config``
   gives ``max_batch_size`` and ``batch_wait_timeout_s``): concurrent requests share one forward pass.
 - ``encoder``: joins SR_h's chunks and writes the MP4, on CPUs of its own.
-- ``jobs``: the job table (one replica), so any ingress replica answers for any job.
+- ``tuner``: an edit's tuning (Tune-A-Video: ``mav tune``'s run, its Ray Train workers in ``user_config``),
+  one tuning per replica; the edit's rows then go through the stage deployments, ``decoder`` running the
+  tuned D^t.
+- ``jobs``: the job and edit table (one replica), so any ingress replica answers for any job.
 - ``api``: the FastAPI ingress. It chains the calls: each stage's call takes the previous call's
   ``DeploymentResponse``, so frames go from stage replica to stage replica, never through the ingress.
   SR_h's frames are split into one chunk per running SR_h replica (each chunk with the video's own noise:
@@ -22,12 +25,15 @@ Deployments (their names are the keys of ``deployments:`` in ``cluster/serve.yam
 
 HTTP API (OpenAPI at ``/docs``): ``POST /v1/videos`` (the MP4, the same bytes ``mav generate`` writes for
 the same arguments and seed), ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` + ``GET /v1/jobs/{id}/video``,
-``GET /healthz``, ``GET /readyz``, and the page at ``/``. Full queues answer 503 with ``Retry-After``.
+``POST /v1/edits`` (multipart: a clip, its caption, prompts) + ``GET /v1/edits/{id}`` +
+``GET /v1/edits/{id}/videos/{i}``, ``GET /healthz``, ``GET /readyz``, and the page at ``/``. Full queues and
+busy tuners answer 503 with ``Retry-After``.
 
 Modules: ``config`` (the app's args, the Serve config file, fitting it to the cluster), ``deployments``
-(the stage deployments and the encoder), ``jobs`` (the job table), ``models`` (request and response models), ``middleware``
-(API key, body limit), ``api`` (the ingress and its routes), ``app`` (the application builder),
-``command`` (``mav serve``).
+(the stage deployments and the encoder), ``tuner`` (the tuning deployment), ``jobs`` (the job table),
+``models`` (request and response models), ``middleware`` (API key, body limits), ``edits`` (an upload's
+checks, an edit's outputs and work directory), ``api`` (the ingress and its routes), ``app`` (the
+application builder), ``command`` (``mav serve``).
 """
 
 from workflows.serve.app import build_app, build_application, run_local

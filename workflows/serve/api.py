@@ -8,9 +8,13 @@ the MP4. When a call fails because its replica (or the node holding its output) 
 resumes from that stage, up to :data:`MAX_RETRIES` times; a job records each retry and ends ``done`` or
 ``failed`` with the reason, never left ``running``.
 
-Errors are JSON ``{"error": "..."}``: 422 naming the field, 413 (body limit), 401 (API key), 404 (unknown job
-or route), 409 (a job's video before it is done), 500 (a stage raised), 503 with ``Retry-After`` (a stage's
-queue or the job table is full, or a stage has no live replica).
+An edit (``POST /v1/edits``) is checked (``workflows.serve.edits``), tuned by the ``tuner`` deployment, then
+run as a job's rows are, one row per prompt, the ``decoder`` call naming the tuned bundle.
+
+Errors are JSON ``{"error": "..."}``: 422 naming the field, 413 (body limit, a clip over its bounds), 401
+(API key), 404 (unknown job, edit or route), 409 (a video before it is done), 500 (a stage raised), 503 with
+``Retry-After`` (a stage's queue or the job table is full, every tuner is busy, or a stage has no live
+replica).
 
 The module does without ``from __future__ import annotations``: Serve's ingress rebuilds the routes where
 string annotations cannot be resolved.
@@ -22,7 +26,7 @@ import time
 import uuid
 from importlib import resources
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI, File, Form, Request as HttpRequest, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
@@ -31,17 +35,27 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException
 
 from stages.config import STAGE_NAMES
-from workflows.pipeline import Request, to_batch
+from workflows.pipeline import MAX_SEED, Request, to_batch
 from workflows.serve.config import AppArgs
 from workflows.serve.deployments import CHUNKED_STAGE, StageError, hop
-from workflows.serve.middleware import MAX_BODY_BYTES, ApiKeyMiddleware, BodyLimitMiddleware
-from workflows.serve.models import ErrorBody, JobCreated, JobStatus, VideoRequest
+from workflows.serve.edits import MAX_TUNE_STEPS, EditIntake, remove_work, write_videos
+from workflows.serve.middleware import (
+    MAX_BODY_BYTES,
+    MAX_UPLOAD_BYTES,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+)
+from workflows.serve.models import EditStatus, ErrorBody, JobCreated, JobStatus, VideoRequest
+from workflows.serve.tuner import TuneFailed
+from workflows.tune.job import TuneOptions
 
 STEPS = (*STAGE_NAMES, "encoder")   # the calls of one request, in order
+READY = (*STEPS, "tuner", "jobs")    # the deployments /readyz waits for
 MAX_RETRIES = 3                     # resumptions of one request after lost replicas
 RETRY_DELAY_S = 1.0                 # before the first resumption; grows with each
 REPLACEMENT_WAIT_S = 120.0          # how long a resumed call waits for a live replica of its stage
-REPLICAS_TTL_S = 5.0                # how long the count of running SR_h replicas is reused
+REPLICAS_TTL_S = 5.0                # how long the count of running SR_h (or tuner) replicas is reused
+TUNE_DEFAULTS = TuneOptions()       # an edit's tuning settings where the form omits them
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,7 +106,7 @@ api = FastAPI(
 )
 api.add_exception_handler(RequestValidationError, _validation_error)
 api.add_exception_handler(HTTPException, _http_error)
-api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, paths={"/v1/edits": MAX_UPLOAD_BYTES})
 api.add_middleware(ApiKeyMiddleware)  # added last: runs first, before any body is read
 
 ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 500, 503)}
@@ -139,30 +153,35 @@ def _running_replicas(deployment: str) -> int:
 class Api:
     """The ingress: validates requests, chains the stage deployments' calls, keeps jobs in ``jobs``."""
 
-    def __init__(self, stages: dict, encoder, store, args: AppArgs) -> None:
+    def __init__(self, stages: dict, encoder, store, args: AppArgs, tuner) -> None:
         self.stages = stages
         self.encoder = encoder
         self.store = store
         self.args = args
+        self.tuner = tuner
+        self.edits = EditIntake(args)
         self.loaded: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
-        self.replicas, self.replicas_at = 1, float("-inf")
+        self.replicas: dict[str, tuple[int, float]] = {}  # deployment -> (running replicas, when asked)
 
     # -- the cascade -------------------------------------------------------------------------------
 
-    async def _chunks(self) -> int:
-        """How many chunks SR_h's frames are split into: one per running SR_h replica."""
-        if time.monotonic() - self.replicas_at > REPLICAS_TTL_S:
+    async def _replicas(self, deployment: str) -> int:
+        """Running replicas of ``deployment`` (at least 1), asked of the controller at most every
+        :data:`REPLICAS_TTL_S`."""
+        count, at = self.replicas.get(deployment, (1, float("-inf")))
+        if time.monotonic() - at > REPLICAS_TTL_S:
             try:
-                self.replicas = max(1, await asyncio.to_thread(_running_replicas, CHUNKED_STAGE))
+                count = max(1, await asyncio.to_thread(_running_replicas, deployment))
             except Exception:  # the controller did not answer: keep the last count
                 pass
-            self.replicas_at = time.monotonic()
-        return self.replicas
+            self.replicas[deployment] = (count, time.monotonic())
+        return count
 
-    def _issue(self, calls: list[list], first: dict, start: int, chunks: int, redo: list[int] | None) -> None:
+    def _issue(self, calls: list[list], first: dict, start: int, chunks: int, redo: list[int] | None,
+               tuned: dict | None = None) -> None:
         """Calls of the steps from ``start`` on, each taking the previous step's responses; at ``start``,
-        only the chunks ``redo`` (all when None)."""
+        only the chunks ``redo`` (all when None). ``tuned``: D^t is that tuned bundle's (an edit)."""
         for i in range(start, len(STEPS)):
             name = STEPS[i]
             if name == "encoder":
@@ -170,9 +189,10 @@ class Api:
                 continue
             arg = first if i == 0 else calls[i - 1][0]
             parts = [(k, chunks) for k in range(chunks)] if name == CHUNKED_STAGE else [None]
+            extra = {"tuned": tuned} if tuned is not None and name == "decoder" else {}
             old = calls[i]
             calls[i] = [old[k] if i == start and redo is not None and k not in redo
-                        else self.stages[name].run.remote(arg, *([part] if part else []))
+                        else self.stages[name].run.remote(arg, *([part] if part else []), **extra)
                         for k, part in enumerate(parts)]
 
     async def _first_failure(self, calls: list[list]) -> tuple[int, list[int], BaseException] | None:
@@ -205,16 +225,17 @@ class Api:
         except Exception:  # the call failed: the cascade's handler sees it
             pass
 
-    async def _cascade(self, request: Request, on_stage=None, on_retry=None, *,
-                       wait_when_busy: bool = False) -> tuple[dict, list[str]]:
-        """The encoder's answer for ``request`` and the retries it took. ``on_stage(name, status)`` hears
-        each stage start and finish, ``on_retry(name, reason)`` each resumption."""
-        first = hop(to_batch([request]))
-        chunks = await self._chunks()
+    async def _cascade(self, requests: list[Request], on_stage=None, on_retry=None, *,
+                       wait_when_busy: bool = False, tuned: dict | None = None) -> tuple[dict, list[str]]:
+        """The encoder's answer for ``requests`` (rows of one batch) and the retries it took.
+        ``on_stage(name, status)`` hears each stage start and finish, ``on_retry(name, reason)`` each
+        resumption; ``tuned`` (an edit): the ``decoder`` deployment runs that tuned bundle's D^t."""
+        first = hop(to_batch(requests))
+        chunks = await self._replicas(CHUNKED_STAGE)  # SR_h's frames: one chunk per replica
         calls: list[list] = [[] for _ in STEPS]
         start, redo, retries = 0, None, []
         while True:
-            self._issue(calls, first, start, chunks, redo)
+            self._issue(calls, first, start, chunks, redo, tuned)
             if retries:
                 await self._await_replacement(calls, start)
             watcher = asyncio.ensure_future(self._watch(calls, start, on_stage)) if on_stage else None
@@ -271,9 +292,9 @@ class Api:
 
     @api.get("/readyz", summary="readiness: every stage deployment loaded", responses={503: {"model": ErrorBody}})
     async def readyz(self) -> JSONResponse:
-        missing = [n for n in (*STEPS, "jobs") if n not in self.loaded]
+        missing = [n for n in READY if n not in self.loaded]
         if missing:
-            handles = {**self.stages, "encoder": self.encoder, "jobs": self.store}
+            handles = {**self.stages, "encoder": self.encoder, "tuner": self.tuner, "jobs": self.store}
 
             async def probe(name):
                 try:
@@ -283,7 +304,7 @@ class Api:
                     pass
 
             await asyncio.gather(*(probe(n) for n in missing))
-        state = {n: n in self.loaded for n in (*STEPS, "jobs")}
+        state = {n: n in self.loaded for n in READY}
         if all(state.values()):
             return JSONResponse({"ready": True, "deployments": state})
         return JSONResponse({"ready": False, "deployments": state,
@@ -296,7 +317,7 @@ class Api:
     async def create_video(self, body: VideoRequest) -> Response:
         request = self._request(body)
         try:
-            result, retries = await self._cascade(request)
+            result, retries = await self._cascade([request])
         except StageBusy as e:
             return self._busy(f"stage {e}")
         except StageUnavailable as e:
@@ -346,7 +367,7 @@ class Api:
             await self.store.retry.remote(job_id, name, reason)
 
         try:
-            result, _ = await self._cascade(request, on_stage, on_retry, wait_when_busy=True)
+            result, _ = await self._cascade([request], on_stage, on_retry, wait_when_busy=True)
             data, fps, trace = result["mp4"][0], result["video_fps"][0], result["trace"]
             if self.args.output:
                 url = join(self.args.output, f"{job_id}.mp4")
@@ -391,3 +412,119 @@ class Api:
             except FileNotFoundError:
                 raise HTTPException(404, f"the video of job {job_id} is gone from {job['output']}") from None
         return Response(data, media_type="video/mp4", headers={"X-Seed": str(job["request"]["seed"])})
+
+    # -- edits (Tune-A-Video) ----------------------------------------------------------------------
+
+    @api.post("/v1/edits", summary="tune D^t on an uploaded clip, then edit it with each prompt; poll "
+              "/v1/edits/{id}", status_code=202, response_model=JobCreated, responses=ERRORS)
+    async def create_edit(
+        self,
+        http: HttpRequest,
+        video: UploadFile = File(description="the source clip (an MP4, or any video ffmpeg reads)"),
+        caption: str = Form(max_length=4000, description="what the clip shows, e.g. 'a red circle on a white background'"),
+        prompt: list[str] = Form(description="an edit prompt; repeat the field for several (one video each)"),
+        seed: int | None = Form(None, ge=0, le=MAX_SEED, description="seed of the first prompt (prompt i uses seed + i); random if omitted"),
+        steps: int | None = Form(None, ge=1, le=1000, description="sampling steps of every diffusion stage (the bundle's if omitted)"),
+        guidance: float | None = Form(None, ge=0, le=50, allow_inf_nan=False, description="D^t's guidance scale w"),
+        tune_steps: int = Form(TUNE_DEFAULTS.steps, ge=1, le=MAX_TUNE_STEPS, description="optimizer steps of the tuning"),
+        fps: int = Form(TUNE_DEFAULTS.fps, ge=1, le=30, description="keyframe rate the clip is sampled at"),
+        inversion: bool = Form(True, description="D^t starts from the clip's DDIM-inverted noise (false: fresh noise)"),
+    ) -> JSONResponse:
+        seed = seed if seed is not None else random.SystemRandom().randrange(0, 2**31)
+        self.edits.check_text(caption, prompt, seed)
+        data = await video.read()
+        clip = await asyncio.to_thread(self.edits.check_clip, data)
+        params = {"caption": caption, "prompts": list(prompt), "seed": seed, "steps": steps, "guidance": guidance,
+                  "tune_steps": tune_steps, "fps": fps, "inversion": inversion,
+                  "clip": {"name": video.filename, "bytes": len(data), "frames": clip.frames, "fps": clip.fps,
+                           "width": clip.width, "height": clip.height}}
+        try:
+            edit_id, full = await self.store.create_edit.remote(params, await self._replicas("tuner"))
+        except BackPressureError:
+            edit_id, full = None, "the job queue"
+        if edit_id is None:
+            return self._busy(full)
+        call = self.tuner.tune.remote(edit_id, data, caption, {"steps": tune_steps, "fps": fps, "seed": seed})
+        task = asyncio.get_running_loop().create_task(self._run_edit(edit_id, call, params))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        location = str(http.url_for("edit_status", edit_id=edit_id))
+        return JSONResponse({"id": edit_id, "status": "queued", "seed": seed}, status_code=202,
+                            headers={"Location": location})
+
+    async def _run_edit(self, edit_id: str, call, params: dict) -> None:
+        """The tuning, then the edit's rows through the stage deployments with the tuned D^t, then the videos
+        kept or written; the work directory removed however it ends."""
+        from workflows.tune.edit import edit_requests
+
+        async def on_stage(name, status):
+            await self.store.stage.remote(edit_id, name, status)
+
+        async def on_retry(name, reason):
+            await self.store.retry.remote(edit_id, name, reason)
+
+        try:
+            tuned = await call
+            requests = edit_requests(tuned["fps"], params["prompts"], seed=params["seed"], steps=params["steps"],
+                                     guidance=params["guidance"])
+            result, _ = await self._cascade(requests, on_stage, on_retry, wait_when_busy=True,
+                                            tuned={"bundle": tuned["bundle"], "inversion": params["inversion"]})
+            mp4s, fps = result["mp4"], result["video_fps"][0]
+            outputs = [None] * len(mp4s)
+            if self.args.output:
+                outputs = await asyncio.to_thread(write_videos, self.args.output, edit_id, mp4s)
+            videos = [{"prompt": r.prompt, "seed": r.seed, "url": f"v1/edits/{edit_id}/videos/{i}", "output": out}
+                      for i, (r, out) in enumerate(zip(requests, outputs))]
+            await self.store.finish_edit.remote(edit_id, video_fps=fps, videos=videos, trace=result["trace"],
+                                                data=None if self.args.output else mp4s)
+        except asyncio.CancelledError:
+            self.store.fail_edit.remote(edit_id, "the server stopped before the edit finished")
+            raise
+        except Exception as e:
+            await self.store.fail_edit.remote(edit_id, _edit_failure(e))
+        finally:
+            try:
+                await asyncio.to_thread(remove_work, self.args.work_dir, edit_id)
+            except OSError:
+                pass
+
+    @api.get("/v1/edits/{edit_id}", summary="an edit's status: its tuning, each stage, the videos when done",
+             response_model=EditStatus, responses=ERRORS)
+    async def edit_status(self, edit_id: str) -> dict:
+        edit = await self.store.edit.remote(edit_id)
+        if edit is None:
+            raise HTTPException(404, f"no edit {edit_id!r}")
+        return edit
+
+    @api.get("/v1/edits/{edit_id}/videos/{index}", summary="a finished edit's MP4 for prompt `index`",
+             response_class=Response, responses={200: {"content": {"video/mp4": {}}}, **ERRORS})
+    async def edit_video(self, edit_id: str, index: int) -> Response:
+        from stages.fsio import read_bytes
+
+        edit, data = await self.store.edit_video.remote(edit_id, index)
+        if edit is None:
+            raise HTTPException(404, f"no edit {edit_id!r}")
+        if edit["status"] == "failed":
+            return _error(409, f"edit {edit_id} failed: {edit['error']}")
+        if edit["status"] != "done":
+            return _error(409, f"edit {edit_id} is {edit['status']}; its videos are not ready yet", {"Retry-After": "1"})
+        if not 0 <= index < len(edit["videos"]):
+            raise HTTPException(404, f"edit {edit_id} has {len(edit['videos'])} videos; no video {index}")
+        if data is None:
+            try:
+                data = await asyncio.to_thread(read_bytes, edit["videos"][index]["output"])
+            except FileNotFoundError:
+                raise HTTPException(404, f"video {index} of edit {edit_id} is gone") from None
+        return Response(data, media_type="video/mp4", headers={"X-Seed": str(edit["videos"][index]["seed"])})
+
+
+def _edit_failure(error: BaseException) -> str:
+    """What failed in an edit, for its record: the tuning's own message, or the stage that failed."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, TuneFailed):
+        return f"tuning failed: {cause}"
+    if isinstance(cause, StageFailed):
+        return f"editing failed in {cause}"
+    if isinstance(cause, StageUnavailable):
+        return f"stage {cause}"
+    return f"{type(cause).__name__}: {cause}"[:500]

@@ -11,6 +11,7 @@ from workflows.serve.api import Api
 from workflows.serve.config import APP_NAME, DEPLOYMENTS, AppArgs, parse_app_args
 from workflows.serve.deployments import Encoder, Stage
 from workflows.serve.jobs import JobStore
+from workflows.serve.tuner import Tuner
 
 
 def build_application(args: AppArgs, overrides: dict[str, dict] | None = None) -> serve.Application:
@@ -28,7 +29,8 @@ def build_application(args: AppArgs, overrides: dict[str, dict] | None = None) -
               for name in STAGE_NAMES}
     encoder = Encoder.options(**options("encoder")).bind()
     store = JobStore.options(**options("jobs")).bind(args.max_active_jobs, args.keep_finished_jobs)
-    return Api.options(**options("api")).bind(stages, encoder, store, args)
+    tuner = Tuner.options(**options("tuner")).bind(checkpoint, preset, args.work_dir, store)
+    return Api.options(**options("api")).bind(stages, encoder, store, args, tuner)
 
 
 def build_app(args: dict) -> serve.Application:

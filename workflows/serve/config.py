@@ -4,6 +4,8 @@ per-deployment requests to the cluster at hand."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 
@@ -13,8 +15,8 @@ from workflows.runners import DTYPES
 
 APP_NAME = "mav"
 IMPORT_PATH = "workflows.serve:build_app"   # the application builder, as Serve config files name it
-DEPLOYMENTS = (*STAGE_NAMES, "encoder", "jobs", "api")  # the names a config's ``deployments:`` may override
-CPU_DEPLOYMENTS = (*STAGE_NAMES, "encoder")  # those whose replicas take one CPU unless configured
+DEPLOYMENTS = (*STAGE_NAMES, "encoder", "tuner", "jobs", "api")  # the names a config's ``deployments:`` may override
+CPU_DEPLOYMENTS = (*STAGE_NAMES, "encoder", "tuner")  # those whose replicas take one CPU unless configured
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,13 +30,24 @@ class AppArgs:
     keep_finished_jobs: int = 256       # finished jobs remembered (oldest forgotten first)
     retry_after_s: int = 5              # Retry-After of 503 answers
     dtype: str = "auto"                 # the stage networks' arithmetic: auto (bf16 on CUDA), fp32 or bf16
+    work: str | None = None             # fsspec URL where an edit's clip and tuned bundle live while it runs
+                                        # (shared storage on a multi-node cluster); None: this machine's temp dir
+    max_clip_seconds: float = 30.0      # POST /v1/edits: longest clip accepted
+    max_clip_frames: int = 300          # most frames of a clip
+    max_clip_side: int = 1024           # largest width or height of a clip, pixels
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_active_jobs", "keep_finished_jobs", "retry_after_s"):
+        for name in ("max_active_jobs", "keep_finished_jobs", "retry_after_s", "max_clip_frames", "max_clip_side"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_clip_seconds > 0:
+            raise ConfigError(f"max_clip_seconds must be > 0, got {self.max_clip_seconds}")
+
+    @property
+    def work_dir(self) -> str:
+        return self.work or os.path.join(tempfile.gettempdir(), "mav-edits")
 
 
 def parse_app_args(args: dict | None) -> AppArgs:
@@ -83,7 +96,8 @@ def load_serve_config(path: str | None = None) -> ServeConfig:
 
 def fit_to_cluster(overrides: dict[str, dict], resources_available: dict[str, float]) -> tuple[dict, list[str]]:
     """Drop GPU and custom-resource requests the cluster cannot meet at all (a CPU-only machine runs the
-    GPU config, as ``mav batch`` does with its pools); returns the new overrides and a notice per kind."""
+    GPU config, as ``mav batch`` does with its pools), the tuner's Ray Train workers' GPUs included; returns
+    the new overrides and a notice per kind."""
     fitted, dropped = {}, {}
     for name, opts in overrides.items():
         opts = dict(opts)
@@ -91,6 +105,10 @@ def fit_to_cluster(overrides: dict[str, dict], resources_available: dict[str, fl
         if actor.get("num_gpus") and not resources_available.get("GPU"):
             dropped.setdefault("GPUs", []).append(name)
             actor["num_gpus"] = 0
+        user = dict(opts.get("user_config") or {})
+        if name == "tuner" and user.get("gpus_per_worker") and not resources_available.get("GPU"):
+            dropped.setdefault("GPUs", []).append(f"{name} (its tuning's workers)")
+            opts["user_config"] = {**user, "gpus_per_worker": 0}
         if actor.get("resources"):
             custom = dict(actor["resources"])
             for res in [r for r in custom if r not in resources_available]:
@@ -106,8 +124,11 @@ def fit_to_cluster(overrides: dict[str, dict], resources_available: dict[str, fl
 
 
 def cpus_needed(overrides: dict[str, dict]) -> float:
-    """Logical CPUs the first replicas of every deployment ask for (code defaults where not overridden)."""
-    total = 0.0
+    """Logical CPUs the first replicas of every deployment ask for (code defaults where not overridden), and
+    one tuning's Ray Train workers and data readers (the tuner's ``user_config.workers``, as ``mav tune``)."""
+    from workflows.train import cpus_needed as training_cpus
+
+    total = training_cpus(int((overrides.get("tuner", {}).get("user_config") or {}).get("workers", 1)), 1.0)
     for name in DEPLOYMENTS:
         opts = overrides.get(name, {})
         default = 1.0 if name in CPU_DEPLOYMENTS else 0.0

@@ -7,6 +7,9 @@ and the ingress never holds frames. A stage's output is a :class:`Hop`-shaped di
 trace of each stage's seconds and batch size. SR_h takes a chunk of the frames (``part = (k, n)``), so one
 video's frames spread over SR_h's replicas; :class:`Encoder` joins the chunks and writes the MP4.
 
+An edit's rows (``POST /v1/edits``) come to ``decoder`` with a tuned bundle (``tuned``): that call runs the
+bundle's D^t, loaded once per replica for the few bundles last used, outside the batches of other requests.
+
 Each stage is loaded once in ``__init__`` and scales on its own (``num_replicas`` or ``autoscaling_config``,
 ``ray_actor_options``); its ``user_config`` is a :class:`BatchSettings`.
 """
@@ -17,7 +20,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,7 @@ from workflows import columns
 from workflows.runners import RUNNER_OF
 
 CHUNKED_STAGE = "sr_high"           # the stage whose frames fan out over its replicas
+MAX_TUNED_NETWORKS = 2              # tuned D^t networks a decoder replica keeps loaded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +103,9 @@ class Stage:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.stage = stage
+        self.preset, self.dtype = preset, dtype
         self.runner = RUNNER_OF[stage](checkpoint=checkpoint, preset=preset, dtype=dtype)
+        self.tuned: OrderedDict[tuple[str, bool], object] = OrderedDict()  # D^t of tuned bundles, last used last
         self.settings = BatchSettings()
         self.batch_sizes: Counter[int] = Counter()
         self.busy_seconds = 0.0
@@ -121,8 +127,10 @@ class Stage:
                 "calls": sum(self.batch_sizes.values()), "busy_seconds": self.busy_seconds,
                 **dataclasses.asdict(self.settings)}
 
-    async def run(self, previous: dict, part: tuple[int, int] | None = None) -> dict:
+    async def run(self, previous: dict, part: tuple[int, int] | None = None, tuned: dict | None = None) -> dict:
         rows = previous["rows"]
+        if tuned is not None:
+            return await self._run_tuned(previous, tuned)
         if part is not None:
             if self.stage != CHUNKED_STAGE:
                 raise StageError(f"{self.stage}: only {CHUNKED_STAGE} takes a chunk of the frames")
@@ -138,6 +146,33 @@ class Stage:
             raise stage_error(self.stage, result)
         out, seconds, batch_size = result
         return hop(out, {**previous["trace"], self.stage: [seconds, batch_size]})
+
+    async def _run_tuned(self, previous: dict, tuned: dict) -> dict:
+        """D^t of the tuned bundle ``tuned["bundle"]`` (``mav tune``'s, written by the ``tuner`` deployment)
+        on an edit's rows, from its source's inverted noise unless ``tuned["inversion"]`` is false: what
+        ``mav edit`` runs. Not batched with other requests: their D^t is another network."""
+        if self.stage != "decoder":
+            raise StageError(f"{self.stage}: only decoder runs a tuned bundle")
+        rows = previous["rows"]
+        start = time.perf_counter()
+        try:
+            runner = await asyncio.to_thread(self._tuned_runner, str(tuned["bundle"]), bool(tuned.get("inversion", True)))
+            out = await asyncio.to_thread(runner, rows)
+        except Exception as e:
+            raise stage_error(self.stage, e) from None
+        return hop(out, {**previous["trace"], self.stage: [time.perf_counter() - start, _rows(rows)]})
+
+    def _tuned_runner(self, bundle: str, inversion: bool):
+        key = (bundle, inversion)
+        if key not in self.tuned:
+            runner = RUNNER_OF["decoder"](checkpoint=bundle, preset=self.preset, dtype=self.dtype)
+            if not inversion:
+                runner.inversion = None
+            self.tuned[key] = runner
+            while len(self.tuned) > MAX_TUNED_NETWORKS:
+                self.tuned.popitem(last=False)
+        self.tuned.move_to_end(key)
+        return self.tuned[key]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[tuple | BaseException]:

@@ -8,6 +8,7 @@ import os
 
 API_KEY_ENV = "MAV_API_KEY"
 MAX_BODY_BYTES = 64 * 1024          # a request is a prompt and a few numbers
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # POST /v1/edits: a clip and its form fields
 
 
 def _path(scope: dict) -> str:
@@ -48,19 +49,22 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Bodies over ``max_bytes`` answer 413, whether announced by Content-Length or streamed."""
+    """Bodies over ``max_bytes`` (``paths`` maps a path to its own limit) answer 413, whether announced by
+    Content-Length or streamed."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = max_bytes
+        self.paths = dict(paths or {})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(_path(scope).rstrip("/"), self.default)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await self._too_large(send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await self._too_large(send, limit)
                 return
         chunks, size, more = [], 0, True
         while more:
@@ -70,8 +74,8 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._too_large(send)
+            if size > limit:
+                await self._too_large(send, limit)
                 return
         body = b"".join(chunks)
         replayed = False
@@ -85,5 +89,5 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send) -> None:
-        await send_json(send, 413, {"error": f"request body over {self.max_bytes} bytes"})
+    async def _too_large(self, send, limit: int) -> None:
+        await send_json(send, 413, {"error": f"request body over {limit} bytes"})

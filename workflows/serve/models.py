@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workflows.pipeline import DEFAULT_FPS, MAX_MOTION, MAX_SEED
-from workflows.serve.jobs import JOB_STATES
+from workflows.serve.jobs import EDIT_STATES, JOB_STATES, TUNING_PHASES
 
 MotionStep = Annotated[float, Field(ge=-MAX_MOTION, le=MAX_MOTION, allow_inf_nan=False)]
 
@@ -48,20 +48,48 @@ class StageState(BaseModel):
     batch_size: int | None = Field(None, description="rows in the forward pass this job shared")
 
 
-class JobStatus(BaseModel):
+class WorkStatus(BaseModel):
+    """What a job and an edit both report."""
+
     id: str
-    status: str = Field(description=" / ".join(JOB_STATES))
     request: dict
     created: float
     updated: float
     stages: list[StageState]
-    progress: float = Field(description="fraction of stages done")
+    progress: float
     error: str | None = None
     video_fps: float | None = None
-    output: str | None = Field(None, description="where the video was written, when the server has an output URL")
-    retries: list[str] = Field(default_factory=list, description="each time the job resumed at a stage whose "
+    retries: list[str] = Field(default_factory=list, description="each time it resumed at a stage whose "
                                "replica was lost: the stage and what happened")
+
+
+class JobStatus(WorkStatus):
+    status: str = Field(description=" / ".join(JOB_STATES))
+    progress: float = Field(description="fraction of stages done")
+    output: str | None = Field(None, description="where the video was written, when the server has an output URL")
 
 
 class ErrorBody(BaseModel):
     error: str
+
+
+class TuningState(BaseModel):
+    phase: str = Field(description=" / ".join(TUNING_PHASES))
+    step: int = Field(description="optimizer steps done (as the loss log last recorded)")
+    steps: int
+    loss: float | None = Field(None, description="training loss at the last log step")
+    seconds: float | None = Field(None, description="wall time of the tuning, when done")
+
+
+class EditVideo(BaseModel):
+    prompt: str
+    seed: int
+    url: str = Field(description="where to GET the MP4 (relative to this server)")
+    output: str | None = Field(None, description="where the video was written, when the server has an output URL")
+
+
+class EditStatus(WorkStatus):
+    status: str = Field(description=" / ".join(EDIT_STATES))
+    progress: float = Field(description="fraction done: the tuning (by optimizer steps) and each stage")
+    tuning: TuningState
+    videos: list[EditVideo] = Field(default_factory=list, description="one per prompt, when done")

@@ -25,6 +25,7 @@ class App:
     output: str               # where job videos go (S3 on moto)
     key: str                  # the ingress's MAV_API_KEY
     max_active_jobs: int
+    work: str                 # where edits keep their clip and tuned bundle while they run
 
     @property
     def headers(self) -> dict:
@@ -49,4 +50,17 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
         if job["status"] in ("done", "failed"):
             return job
         assert time.monotonic() < deadline, f"job stuck: {job}"
+        time.sleep(0.2)
+
+
+def wait_edit(client: httpx.Client, edit_id: str, timeout: float = 240) -> tuple[dict, list[dict]]:
+    """The edit once done or failed, and every distinct state seen on the way."""
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        edit = client.get(f"v1/edits/{edit_id}").json()
+        if not seen or {k: v for k, v in edit.items() if k != "updated"} != {k: v for k, v in seen[-1].items() if k != "updated"}:
+            seen.append(edit)
+        if edit["status"] in ("done", "failed"):
+            return edit, seen
+        assert time.monotonic() < deadline, f"edit stuck: {edit}"
         time.sleep(0.2)

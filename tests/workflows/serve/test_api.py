@@ -17,14 +17,15 @@ def test_health_readiness_docs_and_page(serve_app):
         assert c.get("healthz").json() == {"status": "ok"}
         ready = c.get("readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        assert set(ready.json()["deployments"]) == {*STAGE_NAMES, "encoder", "jobs"}
+        assert set(ready.json()["deployments"]) == {*STAGE_NAMES, "encoder", "tuner", "jobs"}
         assert "swagger" in c.get("docs").text.lower()
         openapi = c.get("openapi.json").json()
-        assert {"/v1/videos", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/video", "/healthz", "/readyz"} <= set(openapi["paths"])
+        assert {"/v1/videos", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/video", "/v1/edits",
+                "/v1/edits/{edit_id}", "/v1/edits/{edit_id}/videos/{index}", "/healthz", "/readyz"} <= set(openapi["paths"])
         assert "motion" in openapi["components"]["schemas"]["VideoRequest"]["properties"]
         page = c.get("")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert 'id="generate"' in page.text and "<video" in page.text
+        assert 'id="generate"' in page.text and 'id="edit"' in page.text and "<video" in page.text
 
 
 def test_video_is_the_mp4_mav_generate_writes(client, serve_app, tmp_path, one_thread):

@@ -20,7 +20,8 @@ def test_serve_config_file_and_kuberay_manifest_agree():
         config = yaml.safe_load(f)
     ServeDeploySchema.model_validate(config)
     loaded = load_serve_config()
-    assert set(loaded.overrides) == {*STAGE_NAMES, "encoder", "jobs", "api"}
+    assert set(loaded.overrides) == {*STAGE_NAMES, "encoder", "tuner", "jobs", "api"}
+    assert loaded.overrides["tuner"]["max_ongoing_requests"] == 1  # one tuning per replica
     for stage in STAGE_NAMES:
         opts = loaded.overrides[stage]
         assert "num_replicas" in opts or "autoscaling_config" in opts, stage
@@ -62,8 +63,9 @@ def test_config_is_fitted_to_a_cluster_without_gpus():
     overrides = load_serve_config().overrides
     fitted, notices = fit_to_cluster(overrides, {"CPU": 2.0})
     assert all(not (o.get("ray_actor_options") or {}).get("num_gpus") for o in fitted.values())
+    assert overrides["tuner"]["user_config"]["gpus_per_worker"] > 0 == fitted["tuner"]["user_config"]["gpus_per_worker"]
     assert notices == ["the cluster has no GPUs; dropped from the requests of "
-                       "clip, prior, decoder, interpolation, sr_low, sr_high"]
+                       "clip, prior, decoder, interpolation, sr_low, sr_high, tuner (its tuning's workers)"]
     same, none = fit_to_cluster(overrides, {"CPU": 8.0, "GPU": 4.0, **{r: 1.0 for o in overrides.values()
                                 for r in (o.get("ray_actor_options") or {}).get("resources", {})}})
     assert same == overrides and none == []
@@ -79,8 +81,9 @@ def test_custom_resources_the_cluster_lacks_are_dropped():
     fitted, notices = fit_to_cluster(overrides, {"CPU": 4.0, "fast_disk": 2.0})
     assert fitted["decoder"]["ray_actor_options"]["resources"] == {"fast_disk": 1}
     assert notices == ["the cluster has no resource 'a100'; dropped from the requests of decoder"]
-    # 2 (decoder) + 3 replicas x 1 (sr_high) + 1 each for the four stages and the encoder left at the code's default
-    assert cpus_needed(overrides) == 2 + 3 + 4 + 1
+    # 2 (decoder) + 3 replicas x 1 (sr_high) + 1 each for the four stages, the encoder and the tuner left at the
+    # code's default + one tuning's Ray Train worker and its data readers (workflows.train.cpus_needed: 1 + 2)
+    assert cpus_needed(overrides) == 2 + 3 + 4 + 1 + 1 + 3
 
 
 @pytest.mark.parametrize("text,message", [

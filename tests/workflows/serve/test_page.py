@@ -74,3 +74,40 @@ def test_errors_are_shown(page, serve_app):
     page.fill("#dy", "2")  # beyond the server's bound: its message, naming the field, is shown
     page.click("#generate")
     page.wait_for_function("document.getElementById('error').textContent.startsWith('motion[0]')", timeout=60_000)
+
+
+def test_edit_mode_tunes_and_plays_the_edit_beside_the_source(page, serve_app, tmp_path):
+    import numpy as np
+
+    from workflows.shapes import world
+    from workflows.video import encode_mp4
+
+    source = tmp_path / "circle.mp4"
+    source.write_bytes(encode_mp4(world.moving_video(np.random.default_rng(1), 32, 12, "red", "circle"), 30))
+    page.fill("#key", serve_app.key)
+    page.click("#mode-edit")
+    assert page.is_hidden("#form") and page.is_visible("#edit-form")
+    page.set_input_files("#clip", str(source))
+    page.fill("#caption", "a red circle on a white background")
+    page.fill("#edit-prompt", "a blue square on a white background")
+    page.fill("#edit-seed", "4")
+    page.fill("#tune-steps", "1")
+    with page.expect_request(lambda r: r.url.endswith("/v1/edits") and r.method == "POST") as posted:
+        page.click("#edit")
+    body = posted.value.post_data_buffer
+    for name, value in (("caption", b"a red circle on a white background"), ("seed", b"4"), ("tune_steps", b"1")):
+        assert f'name="{name}"'.encode() + b"\r\n\r\n" + value in body
+    assert b'name="video"; filename="circle.mp4"' in body
+    page.wait_for_selector("#tuning:not([hidden])", timeout=60_000)
+    page.wait_for_function("document.getElementById('edited').readyState >= 1", timeout=240_000)
+    videos = page.evaluate("""() => ['source', 'edited'].map((id) => { const v = document.getElementById(id);
+        return {duration: v.duration, width: v.videoWidth, error: v.error}; })""")
+    assert videos == [{"duration": pytest.approx(0.4, abs=0.05), "width": 32, "error": None},
+                      {"duration": pytest.approx(0.35, abs=0.05), "width": 32, "error": None}]
+    assert page.is_visible("#pair") and page.is_hidden("#error")
+    assert page.get_attribute("#tuning", "data-status") == "done"
+    assert "step 1 of 1" in page.text_content("#tuning")
+    stages = page.locator("#stages li")
+    assert stages.count() == 6 and all(s.get_attribute("data-status") == "done" for s in stages.all())
+    assert "seed 4" in page.text_content("#state") and "done" in page.text_content("#state")
+    assert "a blue square" in page.text_content("#edited-caption")
