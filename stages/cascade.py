@@ -19,6 +19,7 @@ from stages.config import STAGE_NAMES, DecoderConfig, InterpolationConfig, SRHig
 from stages.diffusion import Progress, add_noise, sample
 from stages.noise import frame_noise, randn, stage_generators
 from stages.latte import LatteVideo
+from stages import latent
 from stages import unclip
 from stages.prior import PriorNet
 from stages.unet import VideoUNet
@@ -39,7 +40,8 @@ def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = Non
             return PriorNet(cfg, embed_dim=cfg.embed_dim, num_tokens=cfg.num_tokens)
         if name in ("decoder", "interpolation") and cfg.backbone == "latte":
             return LatteVideo(cfg.latte, cond_channels=4 if name == "interpolation" else 0,
-                              image_embed_dim=cfg.image_embed_dim, context_tokens=cfg.context_tokens, fps_cond=True)
+                              image_embed_dim=cfg.image_embed_dim, context_tokens=cfg.context_tokens, fps_cond=True,
+                              channels=getattr(cfg, "channels", 3))
         if name in STAGE_NAMES[2:] and unclip.wants_unclip_network(cfg):
             return unclip.build_network(name, cfg, unet2d)
         if name in ("decoder", "interpolation"):
@@ -50,6 +52,7 @@ def build_stage(name: str, cfg, *, seed: int = 0, unet2d: nn.Module | None = Non
                 context_tokens=cfg.context_tokens,
                 fps_cond=True,
                 unet2d=unet2d,
+                channels=getattr(cfg, "channels", 3),
             )
         if name in ("sr_low", "sr_high"):
             return VideoUNet(cfg.unet, cond_channels=3, noise_level_cond=True, unet2d=unet2d)
@@ -119,6 +122,7 @@ def decode(
     text: dict[str, torch.Tensor] | None = None,
     negative: dict[str, torch.Tensor] | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    vae: nn.Module | None = None,
 ) -> torch.Tensor:
     """D^t: y_e ``b d`` and fps ``b`` -> ``b 3 frames size size``. The unconditional branch has y_e = 0
     (an unCLIP decoder's: its learned null embedding, and the ``negative`` prompt's text where the
@@ -128,13 +132,18 @@ def decode(
     initial noise's common part moves along that straight path (``stages.noise.frame_noise``), and what it
     lays out moves with it. Off by default: D^t's keyframes then move as its temporal layers learned.
     ``noise`` (``b 3 frames size size``) is the x_T to start from, e.g. a source video's DDIM inversion
-    (``stages.inversion``); None: drawn from the seeds. ``generators`` as in :func:`generate_image_embeds`."""
+    (``stages.inversion``); None: drawn from the seeds. ``generators`` as in :func:`generate_image_embeds`.
+
+    In latent mode (``cfg.latent``) D^t samples latents ``b c frames h w`` (``noise`` is of that shape) and
+    ``vae``, its frozen AutoencoderKL, decodes them frame by frame (``stages.latent.decode``)."""
+    if cfg.latent is not None and vae is None:
+        raise ValueError("this D^t diffuses latents: pass its VAE (stages.latent.load_vae)")
     dev, dt = _device(decoder), _dtype(decoder)
     image_embeds = image_embeds.to(dev, dt)
     fps = fps.to(dev, torch.float32)
     gens = generators or stage_generators(seeds, "decoder")
     if noise is None:
-        noise = frame_noise((3, cfg.frames, cfg.size, cfg.size), gens, dev, dt,
+        noise = frame_noise((cfg.channels, cfg.frames, cfg.latent_size, cfg.latent_size), gens, dev, dt,
                             shared=cfg.frame_noise.sampling_shared, progressive=cfg.frame_noise.sample_progressive,
                             motion=motion)
     cond = {"image_embeds": image_embeds, "fps": fps}
@@ -142,8 +151,9 @@ def decode(
     if getattr(decoder, "text_proj", None) is not None:
         cond.update(_text_cond(text, dev, dt))
         uncond.update(_text_cond(negative, dev, dt), image_embeds=decoder.null_image_embeds(len(image_embeds)).to(dev, dt))
-    return sample(decoder, noise.to(dev, dt), cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond,
-                  guidance=guidance, progress=progress, generators=gens)
+    out = sample(decoder, noise.to(dev, dt), cfg=cfg.diffusion, steps=steps, cond=cond, uncond=uncond,
+                 guidance=guidance, progress=progress, generators=gens)
+    return out if cfg.latent is None else latent.decode(vae, out, cfg.latent)
 
 
 def _text_cond(text: dict[str, torch.Tensor] | None, dev, dt) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Checkpoints: one directory per stage, ``config.yaml`` + ``model.safetensors`` (+ ``unet2d.json``).
+"""Checkpoints: one directory per stage, ``config.yaml`` + ``model.safetensors`` (+ ``unet2d.json``; a latent
+D^t's VAE in ``vae/``, as diffusers saves an AutoencoderKL: ``stages.latent``).
 
 A bundle is a directory holding one such directory per stage (clip, prior, decoder, interpolation,
 sr_low, sr_high). A stage directory may instead hold only ``reference.yaml`` (``bundle: URL``): the stage
@@ -9,6 +10,7 @@ Weights are safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import fsspec
 import safetensors.torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from stages.cascade import build_stage
 from stages.config import STAGE_CONFIGS, STAGE_NAMES, CascadeConfig, ConfigError, check_chain, dump_yaml, load_yaml
+from stages import latent
 from stages.errors import UserError
 from stages.fsio import absolute, join, parse_yaml_mapping, read_bytes, write_bytes_atomic
 
@@ -37,12 +40,21 @@ def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_stage(url: str, name: str, cfg, module: nn.Module) -> str:
-    """Write stage ``name`` under ``url/name``; returns that directory's URL."""
+def save_stage(url: str, name: str, cfg, module: nn.Module, *, vae: nn.Module | None = None) -> str:
+    """Write stage ``name`` under ``url/name``; returns that directory's URL. A latent D^t's VAE goes to its
+    ``vae/`` folder (its config then says ``latent.vae: vae``): ``vae``, or else the one at ``cfg.latent.vae``."""
     if name not in STAGE_NAMES:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
     directory = join(url, name)
+    latent_cfg = getattr(cfg, "latent", None)
+    if vae is not None and latent_cfg is None:
+        raise ValueError(f"a VAE was given, but the {name} stage's config is not in latent mode")
     try:
+        if latent_cfg is not None:
+            files = latent.vae_files(vae if vae is not None else latent.load_vae(latent_cfg))
+            for file, data in files.items():
+                write_bytes_atomic(join(directory, latent.VAE_DIR, file), data)
+            cfg = replace(cfg, latent=replace(latent_cfg, vae=latent.VAE_DIR))
         write_bytes_atomic(join(directory, WEIGHTS_FILE), safetensors.torch.save(_state_for_saving(module)))
         unet = getattr(module, "unet", None)
         if unet is not None:
@@ -102,9 +114,12 @@ def load_stage_config(url: str, name: str):
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {path}: {e}") from None
     try:
-        return load_yaml(STAGE_CONFIGS[name], text, where=name)
+        cfg = load_yaml(STAGE_CONFIGS[name], text, where=name)
     except ConfigError as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {e}") from None
+    if getattr(cfg, "latent", None) is not None:  # the VAE's folder, relative to the stage's directory
+        cfg = replace(cfg, latent=latent.located(cfg.latent, join(url, name)))
+    return cfg
 
 
 def _unet2d_from_json(text: str) -> nn.Module:

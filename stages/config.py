@@ -315,6 +315,37 @@ def _check_latte(cfg, size: int | None, frames: int | None, where: str = "") -> 
         raise ConfigError(f"{where}latte.tubelet={k} must divide the frame count {frames}")
 
 
+LATENT_ENCODINGS = ("sample", "mean")  # what of the VAE's posterior q(z | x) D^t trains on
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentConfig:
+    """D^t in a VAE's latent space (``stages.latent``), as Latte diffuses: a frozen diffusers AutoencoderKL
+    encodes training frames into the latents z D^t learns; D^t's sampled latents are decoded, frame by
+    frame, into the keyframes ↑F reads."""
+
+    vae: str = ""                     # the AutoencoderKL's folder (config.json + diffusion_pytorch_model.safetensors): in a
+                                      # bundle "vae", the stage directory's copy; in a preset a path or URL (relative: to it)
+    channels: int = 4                 # latent channels (the VAE's latent_channels)
+    downsample: int = 8               # frame pixels per latent pixel along a side (2^(levels - 1) of the VAE's blocks)
+    scaling_factor: float = 0.18215   # z = (E(x) - shift_factor) * scaling_factor, as the VAE's config says
+    shift_factor: float = 0.0
+    encode: str = "sample"            # training: z drawn from the VAE's posterior (sample), or its mean
+    decode_batch: int = 16            # frames per VAE pass (bounds memory)
+
+    def __post_init__(self) -> None:
+        if not self.vae:
+            raise ConfigError("vae must name the VAE's folder (a diffusers AutoencoderKL saved with "
+                              "safetensors)")
+        for name in ("channels", "downsample", "decode_batch"):
+            _check_positive(name, getattr(self, name))
+        if self.downsample & (self.downsample - 1):
+            raise ConfigError(f"downsample must be a power of 2 (2^(levels - 1) of the VAE), got {self.downsample}")
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+        _check_choice("encode", self.encode, LATENT_ENCODINGS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     frames: int = 16                # frames generated before interpolation
@@ -328,10 +359,31 @@ class DecoderConfig:
     latte: LatteConfig = field(default_factory=LatteConfig)
     conditioning: str = "image"     # image: y_e alone; unclip: y_e, x_e and the text tokens through UnCLIPTextProjModel
                                     # (stages.unclip), y_e's unconditional value learned
+    latent: LatentConfig | None = None  # latent mode: D^t diffuses a VAE's latents (stages.latent); None: pixels
 
     def __post_init__(self) -> None:
-        _check_latte(self, self.size, self.frames)
         _check_choice("conditioning", self.conditioning, CONDITIONINGS_Y)
+        if self.latent is not None:
+            if self.size % self.latent.downsample:
+                raise ConfigError(f"latent.downsample={self.latent.downsample} must divide the size {self.size}")
+            if self.backbone == "latte" and self.latent_size % self.latte.patch_size:
+                raise ConfigError(f"latte.patch_size={self.latte.patch_size} must divide the latent size "
+                                  f"{self.latent_size} (size / latent.downsample)")
+            if self.diffusion.clip_sample:
+                raise ConfigError("latent mode: set diffusion.clip_sample to false (latents are not confined to [-1, 1])")
+            if self.conditioning != "image":
+                raise ConfigError("latent mode takes conditioning: image (an unCLIP decoder diffuses pixels)")
+        _check_latte(self, self.latent_size, self.frames)
+
+    @property
+    def channels(self) -> int:
+        """Channels of what D^t diffuses: the VAE's latent channels, or 3 (RGB)."""
+        return self.latent.channels if self.latent is not None else 3
+
+    @property
+    def latent_size(self) -> int:
+        """Height = width of what D^t diffuses: size / latent.downsample, or size."""
+        return self.size // self.latent.downsample if self.latent is not None else self.size
 
     @staticmethod
     def migrate(data: dict, where: str) -> dict:

@@ -28,9 +28,10 @@ VIDEO_STAGES = ("decoder", "interpolation", "sr_low", "sr_high")
 
 
 def evaluation_shape(name: str, cfg: CascadeConfig) -> tuple[int, int]:
-    """(frames, size) of one evaluation of a U-Net stage for one sample; SR_h's sample is one frame."""
+    """(frames, size) of one evaluation of a U-Net stage for one sample; SR_h's sample is one frame (a
+    latent D^t's size is its latents')."""
     if name == "decoder":
-        return cfg.decoder.frames, cfg.decoder.size
+        return cfg.decoder.frames, cfg.decoder.latent_size
     if name == "interpolation":
         return cfg.output_frames, cfg.decoder.size
     if name == "sr_low":
@@ -62,7 +63,7 @@ def network_call(name: str, net: nn.Module, cfg: CascadeConfig, frames: int | No
         return lambda: net(x, t, **kwargs)
     f, size = evaluation_shape(name, cfg)
     f = f if frames is None else frames
-    x = randn(1, 3, f, size, size)
+    x = randn(1, cfg.decoder.channels if name == "decoder" else 3, f, size, size)
     if name in ("decoder", "interpolation"):
         kwargs = {"image_embeds": randn(1, cfg.decoder.image_embed_dim), "fps": torch.tensor([FPS], device=device)}
         if name == "interpolation":

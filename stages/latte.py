@@ -324,21 +324,23 @@ class LatteVideo(nn.Module):
         image_embed_dim: size d of y_e, or 0 for a network not conditioned on it.
         context_tokens: y_e is projected into this many cross-attention tokens (0: no cross-attention).
         fps_cond: condition on frames per second (its embedding's last layer starts at zero).
+        channels: channels of x_t and of the prediction (3: pixels; a VAE's latent channels in latent mode).
     """
 
     noise_level_embed = None  # the contract's SR conditioning; Latte serves D^t and ↑F
 
     def __init__(self, cfg: LatteConfig, *, cond_channels: int = 0, image_embed_dim: int = 0,
-                 context_tokens: int = 0, fps_cond: bool = False) -> None:
+                 context_tokens: int = 0, fps_cond: bool = False, channels: int = 3) -> None:
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
         self.cfg = cfg
+        self.channels = channels
         self.cond_channels = cond_channels
         self.context_tokens = context_tokens
         self.gradient_checkpointing = False
         d = cfg.width
-        self.patches = Patches(cfg, 3 + cond_channels, 3)
+        self.patches = Patches(cfg, channels + cond_channels, channels)
         self.time_proj = Timesteps(TIMESTEP_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(TIMESTEP_CHANNELS, d)
         self.image_proj = (nn.Sequential(nn.Linear(image_embed_dim, d), nn.SiLU(), nn.Linear(d, d))
@@ -390,8 +392,8 @@ class LatteVideo(nn.Module):
         cond_frames: torch.Tensor | None = None,
         noise_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: ``b 3 f h w``; t: ``b`` or scalar; image_embeds: ``b d``; fps: ``b``; cond_frames:
-        ``b cond_channels f h w``. Returns ``b 3 f h w``."""
+        """x: ``b channels f h w``; t: ``b`` or scalar; image_embeds: ``b d``; fps: ``b``; cond_frames:
+        ``b cond_channels f h w``. Returns ``b channels f h w``."""
         if noise_level is not None:
             raise ValueError("a Latte network takes no noise_level (it serves D^t and ↑F, not super-resolution)")
         b, _, f, h, w = x.shape

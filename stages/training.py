@@ -29,7 +29,7 @@ from torch import nn
 
 from stages import cascade, unclip
 from stages.config import CascadeConfig, ConfigError, DiffusionConfig, FrameNoiseConfig
-from stages import latte
+from stages import latent, latte
 from stages.diffusion import training_loss, training_scheduler
 from stages.noise import training_noise
 from stages.temporal import inflate, temporal_parameter_names
@@ -175,9 +175,11 @@ def image_embeds(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
 
 def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
                  cfg: DiffusionConfig, generator: torch.Generator, snr_gamma: float = 0.0,
-                 shared: float = 0.0) -> torch.Tensor:
+                 shared: float = 0.0, target: torch.Tensor | None = None) -> torch.Tensor:
     """D on images (f = 1, fps 0) or D^t on clips ``b 3 f h w``, conditioned on y_e of the middle frame
-    (zeroed with probability ``cfg.cond_drop_prob``); a clip's noise shares ρ = ``shared`` across frames."""
+    (zeroed with probability ``cfg.cond_drop_prob``); a clip's noise shares ρ = ``shared`` across frames.
+    ``target``: what D^t diffuses when it is not the frames themselves (a latent D^t: their latents
+    ``b c f h w``)."""
     middle = video[:, :, video.shape[2] // 2]
     drop = _drop(len(video), cfg.cond_drop_prob, generator, video.device)
     if getattr(_unwrap(decoder), "text_proj", None) is not None:  # an imported unCLIP decoder
@@ -185,8 +187,9 @@ def decoder_loss(decoder: nn.Module, clip: nn.Module, video: torch.Tensor, fps: 
     else:
         y = image_embeds(clip, middle)
         cond = {"image_embeds": torch.where(drop[:, None], torch.zeros_like(y), y)}
-    return training_loss(decoder, video, cfg=cfg, cond={**cond, "fps": fps}, generator=generator,
-                         noise=training_noise(video, generator, shared=shared), snr_gamma=snr_gamma)
+    target = video if target is None else target
+    return training_loss(decoder, target, cfg=cfg, cond={**cond, "fps": fps}, generator=generator,
+                         noise=training_noise(target, generator, shared=shared), snr_gamma=snr_gamma)
 
 
 def interpolation_loss(net: nn.Module, clip: nn.Module, video: torch.Tensor, fps: torch.Tensor,
@@ -265,6 +268,7 @@ class LossContext:
     train: TrainConfig
     generator: torch.Generator    # this worker's; every draw of the loss comes from it
     clip: nn.Module | None = None  # the frozen CLIP stage, for the stages that need it
+    vae: nn.Module | None = None  # a latent D^t's frozen VAE (stages.latent), which encodes its training frames
 
 
 def _frame_noise(stage_cfg) -> FrameNoiseConfig:
@@ -286,10 +290,20 @@ def _prior_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
                       ctx.train.min_snr_gamma)
 
 
+def _latents(video: torch.Tensor, ctx: LossContext) -> torch.Tensor | None:
+    """A latent D^t's target: the frames ``b 3 f h w`` encoded by its frozen VAE; None in pixel space."""
+    if getattr(ctx.stage_cfg, "latent", None) is None:
+        return None
+    if ctx.vae is None:
+        raise ValueError("this D^t diffuses latents: its loss needs the VAE (LossContext.vae)")
+    return latent.encode(ctx.vae, video, ctx.stage_cfg.latent, ctx.generator)
+
+
 def _decoder_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tensor:
     video = downsample_video(x.pixels, ctx.stage_cfg.size)
     loss = decoder_loss(model, ctx.clip, video, x.fps, ctx.stage_cfg.diffusion, ctx.generator,
-                        ctx.train.min_snr_gamma, shared=_frame_noise(ctx.stage_cfg).shared)
+                        ctx.train.min_snr_gamma, shared=_frame_noise(ctx.stage_cfg).shared,
+                        target=_latents(video, ctx))
     if x.stills is None:
         return loss
     # Image–video joint training (Latte, Sec. 3.3): the still images go through the same network as one-frame
@@ -297,7 +311,8 @@ def _decoder_step(model: nn.Module, x: Samples, ctx: LossContext) -> torch.Tenso
     # mean over every frame, the clips' and the images'. (The unwrapped network: DDP takes one forward a step.)
     stills = downsample_video(x.stills, ctx.stage_cfg.size)
     still_loss = decoder_loss(_unwrap(model), ctx.clip, stills, torch.zeros(len(stills), device=stills.device),
-                              ctx.stage_cfg.diffusion, ctx.generator, ctx.train.min_snr_gamma)
+                              ctx.stage_cfg.diffusion, ctx.generator, ctx.train.min_snr_gamma,
+                              target=_latents(stills, ctx))
     f, n = video.shape[2], len(stills) / len(video)
     return (f * loss + n * still_loss) / (f + n)
 
@@ -394,6 +409,11 @@ def start_network(stage: TrainingStage, preset: CascadeConfig,
     if init is None:
         raise ConfigError(f"{stage.name} starts from a trained {stage.init} stage: pass --init BUNDLE")
     init_cfg, net = init
+    if stage.widen and getattr(init_cfg, "latent", None) is not None:
+        # ↑F reads and writes frames, a latent D^t's network latents: ↑F starts afresh from the preset, with
+        # D^t's conditioning sizes.
+        cfg = replace(target, image_embed_dim=init_cfg.image_embed_dim, context_tokens=init_cfg.context_tokens)
+        return cfg, cascade.build_stage(stage.produces, cfg)
     is_latte = isinstance(net, latte.LatteVideo)
     if stage.inflate and not net.cfg.temporal:
         net = latte.inflate(net) if is_latte else inflate_network(net, kernel=target.unet.temporal_kernel,
@@ -506,7 +526,7 @@ def probe(stage: str, net: nn.Module) -> list[float]:
         else:
             size = 8 * getattr(net.cfg, "patch_size", 1)  # whole patches for a Latte
             f = 2 * getattr(net.cfg, "frames_per_token", 1)  # whole tubelets for a Latte
-            x = torch.randn(1, 3, f, size, size, generator=g).to(dev)
+            x = torch.randn(1, getattr(net, "channels", 3), f, size, size, generator=g).to(dev)
             kwargs = {}
             if net.image_proj is not None:
                 kwargs["image_embeds"] = torch.randn(1, net.image_proj[0].in_features, generator=g).to(dev)

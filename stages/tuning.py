@@ -36,6 +36,8 @@ def start_tuning(cfg, net: nn.Module) -> tuple[object, nn.Module]:
     if not hasattr(net, "unet") or not hasattr(net, "frame_context"):
         raise ConfigError(f"tuning needs a U-Net decoder D^t (stages.unet.VideoUNet); this bundle's is a "
                           f"{type(net).__name__}")
+    if getattr(cfg, "latent", None) is not None:
+        raise ConfigError("tuning needs a pixel-space decoder D^t; this bundle's diffuses a VAE's latents")
     if not net.cfg.temporal:
         raise ConfigError("tuning needs a pseudo-3D decoder D^t (unet.temporal true): train decoder-video first")
     net = use_spatial_attention(net, "sparse_causal")

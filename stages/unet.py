@@ -98,6 +98,7 @@ class VideoUNet(nn.Module):
         unet2d: a prebuilt (e.g. pretrained) diffusers 2D U-Net to inflate instead of a fresh one.
         text_proj: an UnCLIPTextProjModel: y_e and the text condition the network as unCLIP's decoder
             (with image_embed_dim = context_tokens = 0).
+        channels: channels of x_t and of the prediction (3: pixels; a VAE's latent channels in latent mode).
     """
 
     def __init__(
@@ -111,16 +112,18 @@ class VideoUNet(nn.Module):
         noise_level_cond: bool = False,
         unet2d: nn.Module | None = None,
         text_proj: nn.Module | None = None,
+        channels: int = 3,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.channels = channels
         self.text_proj = text_proj
         self.cond_channels = cond_channels
         self.context_tokens = context_tokens
-        self.unet = unet2d if unet2d is not None else build_unet2d(cfg, 3 + cond_channels)
-        if self.unet.config.in_channels != 3 + cond_channels:
+        self.unet = unet2d if unet2d is not None else build_unet2d(cfg, channels + cond_channels, channels)
+        if self.unet.config.in_channels != channels + cond_channels:
             raise ValueError(
-                f"the 2D U-Net takes {self.unet.config.in_channels} input channels; expected {3 + cond_channels}"
+                f"the 2D U-Net takes {self.unet.config.in_channels} input channels; expected {channels + cond_channels}"
             )
         if self.unet.class_embedding is None:
             # A pretrained U-Net without class conditioning: route the conditioning vector through an identity.

@@ -3,11 +3,13 @@ demo model: the checkpoint bundle under ``cluster/models`` that runs when a comm
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from importlib import resources
 
 from stages.config import CascadeConfig, ConfigError, from_dict
 from stages.fsio import read_yaml_mapping
+from stages.latent import located
 
 DEFAULT_PRESET = "cpu"
 DEFAULT_MODEL = "shapes"    # cluster/models/shapes: trained by `mav recipe shapes`
@@ -31,9 +33,15 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> CascadeConfig:
         raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(preset_names())} (or a .yaml path)")
     data = read_yaml_mapping(url, ConfigError)
     try:
-        return from_dict(CascadeConfig, data)
+        preset = from_dict(CascadeConfig, data)
     except ConfigError as e:
         raise ConfigError(f"preset {name_or_path}: {e}") from None
+    if preset.decoder.latent is None:
+        return preset
+    # A latent D^t's VAE folder: a relative path is relative to the preset file.
+    base = url.rsplit("/", 1)[0] if "://" in url else os.path.dirname(os.path.abspath(url))
+    decoder = dataclasses.replace(preset.decoder, latent=located(preset.decoder.latent, base))
+    return dataclasses.replace(preset, decoder=decoder)
 
 
 def model_path(name: str = DEFAULT_MODEL) -> str:

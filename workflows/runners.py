@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from stages import cascade
+from stages import cascade, latent
 from stages.checkpoint import load_stage
 from stages.config import STAGE_NAMES
 from stages.errors import UserError
@@ -200,12 +200,13 @@ class PriorRunner(StageRunner):
 class DecoderRunner(StageRunner):
     """D^t: (y_e, fps) -> keyframes, uint8 ``b 3 frames size size``. A tuned bundle's D^t (``mav tune``) edits
     its source video: it starts from the source's DDIM-inverted noise at the source's fps (``inversion``;
-    None: from the seeds' noise)."""
+    None: from the seeds' noise). A latent D^t's VAE (``vae``) decodes its latents into the keyframes."""
 
     stage = "decoder"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.vae = latent.load_vae(self.cfg.latent).to(self.device) if self.cfg.latent is not None else None
         self.inversion = load_inversion(kwargs["checkpoint"]) if kwargs.get("checkpoint") else None
 
     def _inverted_noise(self, steps: int) -> torch.Tensor:
@@ -242,6 +243,7 @@ class DecoderRunner(StageRunner):
             noise=noise,
             text=_text(batch, "text"),
             negative=_text(batch, "neg"),
+            vae=self.vae,
         )
         return {"video": to_uint8(video)}
 

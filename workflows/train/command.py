@@ -34,6 +34,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--resume", action="store_true", help="continue this stage's run under --output")
     tr.add_argument("--init", metavar="URL", help="bundle to start from (video stages and interpolation)")
     tr.add_argument("--clip", metavar="URL", help="bundle holding the CLIP stage (default: --output)")
+    tr.add_argument("--vae", metavar="DIR", help="decoder: a diffusers AutoencoderKL folder (safetensors); D^t then "
+                    "diffuses its latents and the bundle keeps a copy (docs/latte.md)")
     tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     tr.set_defaults(func=run)
 
@@ -48,7 +50,7 @@ def run(args) -> int:
     load_preset(args.preset)
     job = TrainJob(stage=args.stage, data=tuple(args.data), output=args.output, config=cfg, preset=args.preset,
                    init=args.init, clip=args.clip, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                   cpus_per_worker=args.cpus_per_worker)
+                   cpus_per_worker=args.cpus_per_worker, vae=args.vae)
     init_ray(args.address, cpus_needed(args.workers, args.cpus_per_worker), log_to_driver=True)  # rank 0's log lines
     worker = {"CPU": args.cpus_per_worker, "GPU": args.gpus_per_worker}
     check_cluster([Need("training workers", args.workers, worker), Need("Ray Data reader", 1, {"CPU": 1.0})],

@@ -64,6 +64,11 @@ def check_job(job: TrainJob, *, resume: bool) -> None:
     if job.config.temporal_only and not spec.temporal_only_allowed:
         allowed = ", ".join(name for name, s in TRAINING_STAGES.items() if s.temporal_only_allowed)
         raise ConfigError(f"temporal_only applies to {allowed}, not {job.stage}")
+    if job.vae and job.stage != "decoder":
+        raise ConfigError(f"--vae applies to decoder, not {job.stage} (decoder-video takes the VAE of --init's D^t; "
+                          "↑F reads frames)")
+    if job.vae:
+        job.preset_config()  # a VAE that cannot be read, or whose latents do not fit the preset's D^t
     if job.config.joint_images and not spec.joint:
         allowed = ", ".join(name for name, s in TRAINING_STAGES.items() if s.joint)
         raise ConfigError(f"joint_images (still images beside every clip) applies to {allowed}, not {job.stage}")

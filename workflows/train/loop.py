@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from stages import training
+from stages import latent, training
 from stages.checkpoint import load_stage, save_stage
 from stages.fsio import join, read_bytes, write_bytes_atomic
 from stages.temporal import temporal_parameter_names
@@ -55,11 +55,13 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is None:
         stage_cfg, net = job.initial_network()
         net, ema, opt = _prepare(net, job, device)
+        vae = _vae(stage_cfg, device)
     else:
         with checkpoint.as_directory() as d:
             stage_cfg, net = load_stage(d, spec.produces)
             net, ema, opt = _prepare(net, job, device)
             step = _load_state(d, net, ema, opt)
+            vae = _vae(stage_cfg, device)  # read while the checkpoint's directory is there
     job.check_memory(net, stage_cfg, device)
     resumed_from = step
     lr_scales = [g["lr_scale"] for g in opt.param_groups]
@@ -73,7 +75,7 @@ def train_loop(loop_config: dict) -> None:
         clip.requires_grad_(False)
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else net
-    loss_ctx = training.LossContext(stage_cfg=stage_cfg, train=cfg_t, generator=gen, clip=clip)
+    loss_ctx = training.LossContext(stage_cfg=stage_cfg, train=cfg_t, generator=gen, clip=clip, vae=vae)
 
     batches = epoch_batches(ray.train.get_dataset_shard("train"), cfg_t.batch_size, cfg_t.seed * 7919 + rank)
     stills = (epoch_batches(ray.train.get_dataset_shard(STILLS), cfg_t.batch_size * cfg_t.joint_images,
@@ -121,13 +123,13 @@ def train_loop(loop_config: dict) -> None:
                 report["probe"] = training.probe(spec.produces, _ema_copy(net, ema))
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
-                    _save_checkpoint(d, spec.produces, stage_cfg, net, ema, opt, step, report)
+                    _save_checkpoint(d, spec.produces, stage_cfg, net, ema, opt, step, report, vae)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(report)
     if rank == 0:
         log.close()
-        save_stage(job.output, spec.produces, stage_cfg, _ema_copy(net, ema))
+        save_stage(job.output, spec.produces, stage_cfg, _ema_copy(net, ema), vae=vae)
 
 
 # -- what every step reads -----------------------------------------------------------------------
@@ -275,9 +277,11 @@ def _load_state(directory: str, net, ema, opt) -> int:
     return int(meta["step"])
 
 
-def _save_checkpoint(directory: str, produced: str, cfg, net, ema, opt, step: int, metrics: dict) -> None:
-    """The stage directory (EMA weights: what inference loads) plus the training state, in ``directory``."""
-    save_stage(directory, produced, cfg, _ema_copy(net, ema))
+def _save_checkpoint(directory: str, produced: str, cfg, net, ema, opt, step: int, metrics: dict,
+                     vae: torch.nn.Module | None = None) -> None:
+    """The stage directory (EMA weights: what inference loads; a latent D^t's ``vae``) plus the training
+    state, in ``directory``."""
+    save_stage(directory, produced, cfg, _ema_copy(net, ema), vae=vae)
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v.cpu().contiguous().clone() for k, v in ema.shadow.items()})
     opt_tensors, opt_meta = training.optimizer_to_tensors(opt)
@@ -285,6 +289,12 @@ def _save_checkpoint(directory: str, produced: str, cfg, net, ema, opt, step: in
     write_bytes_atomic(join(directory, STATE_WEIGHTS), safetensors.torch.save(tensors))
     meta = {"step": step, "optimizer": opt_meta, "metrics": metrics}
     write_bytes_atomic(join(directory, STATE_META), json.dumps(meta).encode())
+
+
+def _vae(stage_cfg, device: torch.device) -> torch.nn.Module | None:
+    """A latent D^t's frozen VAE (``stages.latent``) on ``device``; None for every other stage."""
+    latent_cfg = getattr(stage_cfg, "latent", None)
+    return latent.load_vae(latent_cfg).to(device) if latent_cfg is not None else None
 
 
 def _ema_copy(net, ema):

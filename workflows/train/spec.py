@@ -5,13 +5,14 @@ Shared by the job runner (``workflows.train.job``) and the loop every worker run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from stages.checkpoint import load_stage
 from stages.config import ConfigError, from_dict
 from stages.fsio import absolute, join
+from stages.latent import read_vae, vae_latent_config
 from stages.memory import check_fits, estimate_bytes
 from stages.training import TRAINING_STAGES, VIDEOS, TrainConfig, TrainingStage, start_network, training_stage
 from workflows.presets import DEFAULT_PRESET, load_preset
@@ -55,12 +56,13 @@ class TrainJob:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 3
+    vae: str | None = None          # decoder: a diffusers AutoencoderKL folder; D^t then diffuses its latents
 
     def __post_init__(self) -> None:
         # Ray Train's workers run in a directory of their own: a relative local path would name another
         # file there (a preset not found, a checkpoint written where nobody looks), so each is made absolute.
         object.__setattr__(self, "data", tuple(absolute(url) for url in self.data))
-        for name in ("output", "init", "clip"):
+        for name in ("output", "init", "clip", "vae"):
             if getattr(self, name):
                 object.__setattr__(self, name, absolute(getattr(self, name)))
         if self.preset.endswith((".yaml", ".yml")):
@@ -93,7 +95,22 @@ class TrainJob:
                    "{batch_size: N}}), or set gradient_checkpointing / bf16")
 
     def initial_network(self):
-        """(stage config, network) a fresh run starts from: built from the preset, or from ``init``."""
+        """(stage config, network) a fresh run starts from: built from the preset (with ``vae``: D^t in its
+        latent space), or from ``init``."""
         spec = self.spec
         init = load_stage(self.init, spec.init) if spec.init and self.init else None
-        return start_network(spec, load_preset(self.preset), init)
+        return start_network(spec, self.preset_config(), init)
+
+    def preset_config(self):
+        """The preset; with ``vae``, its D^t in that VAE's latent space (sizes from the VAE's config,
+        ``diffusion.clip_sample`` off: latents are not confined to [-1, 1])."""
+        preset = load_preset(self.preset)
+        if not self.vae:
+            return preset
+        decoder = preset.decoder
+        try:
+            decoder = replace(decoder, latent=vae_latent_config(read_vae(self.vae), self.vae),
+                              diffusion=replace(decoder.diffusion, clip_sample=False))
+        except ConfigError as e:
+            raise ConfigError(f"--vae {self.vae} with preset {self.preset}: {e}") from None
+        return replace(preset, decoder=decoder)
