@@ -4,9 +4,6 @@ the loop's batches and its reductions on the worker's device; metrics as CSV and
 import dataclasses
 import io
 import os
-import signal
-import threading
-import time
 
 import fsspec
 import numpy as np
@@ -173,45 +170,6 @@ def test_relative_local_paths_name_the_callers_files(ray_session, tiny_preset_fi
     cfg, _ = load_stage(str(tmp_path / "model"), "clip")
     assert cfg.embed_dim == load_preset(str(tmp_path / "tiny.yaml")).clip.embed_dim
     assert TrainJob(stage="clip", data=("s3://b/x",), output="s3://b/m", config=CONFIG).output == "s3://b/m"
-
-
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
-                        pids.append(int(pid))
-            except OSError:
-                pass
-    return pids
-
-
-def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_session, data, tiny_preset_file, tmp_path):
-    out = str(tmp_path / "model")
-    cfg = dataclasses.replace(CONFIG, max_steps=40, checkpoint_every=4, log_every=2)
-    job = TrainJob(stage="sr-high", data=(data,), output=out, config=cfg, preset=tiny_preset_file, workers=2)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run_training(job)))
-    thread.start()
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and thread.is_alive() and not killed:
-        try:
-            steps = [r["step"] for r in read_metrics(out, "sr-high")]
-        except FileNotFoundError:
-            steps = []
-        if steps and max(steps) >= 10:
-            pids = _train_worker_pids()
-            if pids:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed = True
-        time.sleep(0.2)
-    thread.join(timeout=300)
-    assert killed
-    assert result["step"] == 40
-    assert 4 <= result["resumed_from"] < 40  # restarted from a checkpoint, not from scratch
 
 
 def test_frames_share_noise_from_video_fine_tuning_on(tiny_config, tmp_path):
