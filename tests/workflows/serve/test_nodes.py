@@ -20,10 +20,10 @@ HEAD, WORKER = "node_type_head", "node_type_worker"
 
 
 def serve_config(preset: str) -> dict:
-    """The application with small replicas on the head node (the job table and the ingress too), SR_h on the
+    """The application with small replicas on the head node (the tuner, the job table and the ingress too), SR_h on the
     worker node type, the HTTP proxy on the head only (the nodes share this machine's address)."""
     small = {"ray_actor_options": {"num_cpus": 0.25, "resources": {HEAD: 1}}, "health_check_period_s": 1}
-    deployments = [{"name": name, **small} for name in (*STAGE_NAMES, "encoder")]
+    deployments = [{"name": name, **small} for name in (*STAGE_NAMES, "encoder", "tuner")]
     deployments += [{"name": name, "ray_actor_options": {"num_cpus": 0, "resources": {HEAD: 1}}} for name in ("jobs", "api")]
     deployments[STAGE_NAMES.index("sr_high")]["ray_actor_options"] = {"num_cpus": 0.25, "resources": {WORKER: 1}}
     return {"proxy_location": "HeadOnly",
