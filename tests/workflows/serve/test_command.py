@@ -1,16 +1,5 @@
-"""``mav serve``: its arguments, its one-line errors, and a whole run in its own process."""
-
-import os
-import signal
-import subprocess
-import sys
-
-import httpx
-import pytest
-
-from .helpers import free_port, is_mp4
-
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
+"""``mav serve``: its arguments and its one-line errors (a whole run in its own process, to SIGTERM, is in
+test_nodes.py)."""
 
 
 def test_serve_subcommand_parses():
@@ -40,34 +29,3 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, tiny_preset_file, capsy
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("mav: error: ") and message in err and err.count("\n") == 1, err
-
-
-def test_mav_serve_runs_until_sigterm(tiny_preset_file):
-    """``mav serve`` in its own process: a local Ray instance, loopback, the URL on stdout, the API key from
-    the environment; SIGTERM (``ray job stop``, Kubernetes) stops it as Ctrl-C does: no request admitted
-    after it, one line naming the job it dropped, exit status 143, no Ray stack."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--preset", tiny_preset_file,
-                             "--port", str(port)], cwd=ROOT, env={**env, "MAV_API_KEY": "cli-key"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith(f"serving on http://127.0.0.1:{port}/"), line + proc.stderr.read()
-        key = {"Authorization": "Bearer cli-key"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
-            assert c.post("/v1/videos", json={"prompt": "x"}).status_code == 401
-            r = c.post("/v1/videos", json={"prompt": "x", "seed": 1}, headers=key)
-            assert r.status_code == 200 and is_mp4(r.content)
-            assert c.post("/v1/jobs", json={"prompt": "long", "steps": 1000}, headers=key).status_code == 202
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 143, err
-        assert err.splitlines()[-1] == "mav: stopped by SIGTERM: stopped serving; 1 job(s) queued or running were dropped", err
-        assert "SIGTERM received" not in err and "Traceback" not in err and "cli-key" not in err
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
