@@ -78,8 +78,9 @@ def write_videos(output: str, edit_id: str, mp4s: list[bytes]) -> list[str]:
     urls: list[str] = []
     try:
         for i, data in enumerate(mp4s):
-            urls.append(join(output, "edits", edit_id, f"{i}.mp4"))
-            write_bytes_atomic(urls[-1], data)
+            url = join(output, "edits", edit_id, f"{i}.mp4")
+            write_bytes_atomic(url, data)
+            urls.append(url)
     except BaseException:
         for url in urls:
             try:

@@ -103,3 +103,19 @@ def test_an_edit_is_tuned_and_run_through_the_stages_while_a_second_is_refused(c
                                     for i in range(2)]  # the clip and the tuned bundle are gone
     assert client.get(f"v1/edits/{edit_id}/videos/2").status_code == 404
     assert client.get("v1/edits/nope").status_code == 404
+
+
+def test_an_edits_videos_are_written_whole_or_not_at_all(tmp_path):
+    from workflows.serve.edits import remove_work, write_videos
+
+    urls = write_videos(str(tmp_path / "out"), "e1", [b"a", b"b"])
+    assert [open(u, "rb").read() for u in urls] == [b"a", b"b"] and urls[1].endswith("out/edits/e1/1.mp4")
+    (tmp_path / "out" / "edits" / "e2").mkdir()
+    (tmp_path / "out" / "edits" / "e2" / "1.mp4").mkdir()  # the second video cannot be written
+    with pytest.raises(OSError):
+        write_videos(str(tmp_path / "out"), "e2", [b"a", b"b"])
+    assert os.listdir(tmp_path / "out" / "edits" / "e2") == ["1.mp4"]  # the first one was removed again
+    (tmp_path / "work" / "e1" / "tuned").mkdir(parents=True)
+    remove_work(str(tmp_path / "work"), "e1")
+    remove_work(str(tmp_path / "work"), "never-started")
+    assert os.listdir(tmp_path / "work") == []
