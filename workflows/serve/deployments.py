@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class Stage:
         self.preset, self.dtype = preset, dtype
         self.runner = RUNNER_OF[stage](checkpoint=checkpoint, preset=preset, dtype=dtype)
         self.tuned: OrderedDict[tuple[str, bool], object] = OrderedDict()  # D^t of tuned bundles, last used last
+        self.tuned_lock = threading.Lock()
         self.settings = BatchSettings()
         self.batch_sizes: Counter[int] = Counter()
         self.busy_seconds = 0.0
@@ -164,15 +166,16 @@ class Stage:
 
     def _tuned_runner(self, bundle: str, inversion: bool):
         key = (bundle, inversion)
-        if key not in self.tuned:
-            runner = RUNNER_OF["decoder"](checkpoint=bundle, preset=self.preset, dtype=self.dtype)
-            if not inversion:
-                runner.inversion = None
-            self.tuned[key] = runner
-            while len(self.tuned) > MAX_TUNED_NETWORKS:
-                self.tuned.popitem(last=False)
-        self.tuned.move_to_end(key)
-        return self.tuned[key]
+        with self.tuned_lock:  # calls run on threads of their own
+            if key not in self.tuned:
+                runner = RUNNER_OF["decoder"](checkpoint=bundle, preset=self.preset, dtype=self.dtype)
+                if not inversion:
+                    runner.inversion = None
+                self.tuned[key] = runner
+                while len(self.tuned) > MAX_TUNED_NETWORKS:
+                    self.tuned.popitem(last=False)
+            self.tuned.move_to_end(key)
+            return self.tuned[key]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[dict[str, np.ndarray]]) -> list[tuple | BaseException]:
