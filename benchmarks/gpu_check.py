@@ -17,6 +17,12 @@ temporal    the temporal conv of eq. 2 at SR_l^t's widest level (128 channels, 7
             side: the first one (every pixel's frames as a Conv1d sequence, (b h w) c f, two copies), the
             (k,1,1) Conv3d on the b c f h w view of contiguous memory, and on channels-last memory (no copy):
             ms per call and peak memory above the input, fp32 and bf16.
+temporal_attention
+            the temporal attention of eq. 3 at SR_l^t's attention level (768 channels, 76×32², its heads), batch
+            1 and 2, contiguous and channels-last input: the first layout (every pixel's frames rearranged to
+            (b h w) f c and back) beside the layer's own (per-token ops on (b f) h w c, attention on strided
+            views): ms per call, MiB copied to change layout (aten::clone, from the profiler), peak memory
+            above the input (CUDA); on the CPU also the process's CPU ms per call, the layouts taken in turn.
 training    data-parallel training steps of SR_l^t's network (the cpu preset's sizes, 8 frames of 64²) under
             DistributedDataParallel in a process group of ONE rank on the NCCL backend (two NCCL ranks cannot
             share one GPU), with the loop's reductions (workflows.train.loop.reduce_window's tensors
@@ -24,7 +30,8 @@ training    data-parallel training steps of SR_l^t's network (the cpu preset's s
             per step. --smoke uses gloo on the CPU instead.
 
 --smoke runs every section at the tiny preset's sizes on the CPU (compile skipped), so the script is tested;
---temporal-only C F S runs the temporal section alone at that shape, on the CPU where there is no GPU:
+--temporal-only C F S runs the temporal sections alone at that shape (--temporal-heads for the attention), on
+the CPU where there is no GPU:
 
     .venv/bin/python benchmarks/gpu_check.py --temporal-only 16 76 64 --reps 5 --out /tmp/temporal.json
 """
@@ -48,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import cascade  # noqa: E402
 from stages.diffusion import training_loss  # noqa: E402
 from stages.memory import HEADROOM, FrameWindows, estimate_bytes, free_bytes, largest_fitting  # noqa: E402
-from stages.temporal import FrameContext, PseudoConv3d  # noqa: E402
+from stages.temporal import FrameContext, PseudoConv3d, TemporalAttention, frame_positions  # noqa: E402
 from workflows.presets import load_preset  # noqa: E402
 from workflows.runners import compute_in  # noqa: E402
 from workflows.train.loop import reduce_window  # noqa: E402
@@ -262,6 +269,79 @@ def measure_temporal(channels: int, frames: int, size: int, device: torch.device
     return rows
 
 
+def einops_attention(layer: TemporalAttention, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The temporal attention's first layout: ``(b f) c h w -> (b h w) f c``, attention, and back."""
+    h, w = x.shape[-2:]
+    tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=frames)
+    y = layer.norm(tokens) + frame_positions(frames, tokens.shape[-1], x.device, x.dtype)
+    q, k, v = rearrange(layer.to_qkv(y), "n f (three nh d) -> three n nh f d", three=3, nh=layer.heads)
+    y = layer.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "n nh f d -> n f (nh d)"))
+    return rearrange(tokens + y, "(b h w) f c -> (b f) c h w", h=h, w=w)
+
+
+def cpu_timed(calls: dict, reps: int) -> dict[str, list[float]]:
+    """CPU seconds of the process in each of ``reps`` calls of every function in ``calls``, taken in turn so
+    each sees the same load: on a shared machine, steadier than wall time taken one function after another."""
+    runs = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            start = time.process_time()
+            fn()
+            runs[name].append(time.process_time() - start)
+    return runs
+
+
+def copied_mib(fn) -> float:
+    """MiB that one call of ``fn`` copies to change a tensor's layout (``aten::clone``: reshape, contiguous)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    return sum(max(e.cpu_memory_usage, e.device_memory_usage) for e in prof.key_averages()
+               if e.key == "aten::clone") / 2**20
+
+
+def measure_temporal_attention(channels: int, frames: int, size: int, heads: int, device: torch.device,
+                               reps: int) -> list[dict]:
+    """TemporalAttention (eq. 3's ATTN_1D) in its first layout and in the layer's own, at batch 1 and 2."""
+    context = FrameContext()
+    context.frames = frames
+    layouts = (("(b h w) f c rearranged, contiguous", einops_attention, torch.contiguous_format),
+               ("(b h w) f c rearranged, channels-last", einops_attention, torch.channels_last),
+               ("per-token on (b f) h w c, contiguous", TemporalAttention.attend, torch.contiguous_format),
+               ("per-token on (b f) h w c, channels-last", TemporalAttention.attend, torch.channels_last))
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        layer = TemporalAttention(channels, heads, context).to(device, dtype)
+        with torch.no_grad():
+            layer.to_out.weight.normal_(0.0, 0.02)  # nonzero, so the attention shows in the output
+        for batch in (1, 2):
+            x = torch.randn(batch * frames, channels, size, size, device=device, dtype=dtype)
+            calls, ref = {}, None
+            for name, fn, memory_format in layouts:
+                calls[name] = (lambda fn=fn, inp=x.contiguous(memory_format=memory_format): fn(layer, inp, frames))
+                with torch.inference_mode():
+                    base = reset_peak(device)
+                    y = calls[name]()
+                    peak = peak_mib(device, base)
+                    ref = y if ref is None else ref
+                    err = float((y.float() - ref.float()).abs().max())
+                    del y
+                    copied = copied_mib(calls[name])
+                    runs = timed(calls[name], device, reps)
+                rows.append({"layout": name, "dtype": dtype_name, "batch": batch, "ms": 1e3 * sorted(runs)[len(runs) // 2],
+                             "runs_ms": [1e3 * r for r in runs], "copied_mib": copied, "peak_mib_above_input": peak,
+                             "max_abs_diff_vs_first": err, "shape": [channels, frames, size, size], "heads": heads})
+            if device.type == "cpu":
+                with torch.inference_mode():
+                    cpu = cpu_timed(calls, reps)
+                for row in rows[-len(layouts):]:
+                    runs = sorted(cpu[row["layout"]])
+                    row.update(cpu_ms_min=1e3 * runs[0], cpu_ms_median=1e3 * runs[len(runs) // 2])
+    return rows
+
+
 # -- training under a process group ----------------------------------------------------------------
 
 def measure_training(preset, device: torch.device, backend: str, frames: int, steps: int, log_every: int) -> dict:
@@ -320,17 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="timed passes after the warm-up (default 2)")
     parser.add_argument("--temporal-only", type=int, nargs=3, metavar=("CHANNELS", "FRAMES", "SIZE"),
                         help="only the temporal layouts, at this shape, on the device at hand (CPU without CUDA)")
+    parser.add_argument("--temporal-heads", type=int, default=4, help="heads of --temporal-only's attention (default 4)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.temporal_only:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         rows = measure_temporal(*args.temporal_only, device, args.reps)
-        Path(args.out).write_text(json.dumps({"device": str(device), "load": os.getloadavg(), "temporal": rows}, indent=1))
+        attention = measure_temporal_attention(*args.temporal_only, args.temporal_heads, device, args.reps)
+        Path(args.out).write_text(json.dumps({"device": str(device), "load": os.getloadavg(), "temporal": rows,
+                                              "temporal_attention": attention}, indent=1))
         return 0
     if args.smoke:
         device = torch.device("cpu")
         preset, train_preset = load_preset("tiny"), load_preset("tiny")
         temporal_shape, train_frames, backend, train_steps = (8, 7, 16), 4, "gloo", 4
+        attention_shape = (8, 7, 16, 2)
     else:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device; run it with --smoke on a CPU", file=sys.stderr)
@@ -339,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
         preset, train_preset = load_preset("paper"), load_preset("cpu")
         temporal_shape, train_frames, backend, train_steps = (128, 76, 256), 8, "nccl", 12
+        attention_shape = (768, 76, 32, preset.sr_low.unet.temporal_heads)
     report: dict = {
         "device": {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "torch": torch.__version__,
@@ -354,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                                                reps=args.reps)
     print("gpu_check: temporal layouts", file=sys.stderr)
     report["temporal"] = measure_temporal(*temporal_shape, device, args.reps)
+    report["temporal_attention"] = measure_temporal_attention(*attention_shape, device, args.reps)
     print(f"gpu_check: training on {backend}", file=sys.stderr)
     report["training"] = measure_training(train_preset, device, backend, train_frames, steps=train_steps,
                                           log_every=train_steps // 2)

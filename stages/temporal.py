@@ -77,7 +77,13 @@ def frame_positions(frames: int, dim: int, device: torch.device, dtype: torch.dt
 
 
 class TemporalAttention(nn.Module):
-    """Self-attention over frames at every pixel, added residually; output projection starts at zero."""
+    """Self-attention over frames at every pixel, added residually; output projection starts at zero.
+
+    The norm, the frame-position add and the q/k/v/out projections act on each token alone, so they run on
+    the activation in its own order, ``(b f) h w c`` (a view; free on channels-last memory). Only the
+    attention needs the frames as its sequence: q, k and v are strided views ``(h w nh) b f d`` of the
+    projections, never copied to ``(b h w) f c`` and back, and the residual add keeps the input's layout.
+    """
 
     def __init__(self, channels: int, heads: int, context: FrameContext) -> None:
         super().__init__()
@@ -92,18 +98,24 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.to_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(b f) c h w`` -> same shape."""
+        """x: ``(b f) c h w`` -> same shape and memory format."""
         if not self.context.active:
             return x
-        f = self.context.frames
-        h, w = x.shape[-2:]
-        tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=f)
-        y = self.norm(tokens) + frame_positions(f, tokens.shape[-1], x.device, x.dtype)
-        q, k, v = rearrange(self.to_qkv(y), "n f (three nh d) -> three n nh f d", three=3, nh=self.heads)
+        return self.attend(x, self.context.frames)
+
+    def attend(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """The attention over ``frames`` frames at every pixel of x, ``(b f) c h w``, plus x."""
+        h = x.shape[-2]
+        tokens = rearrange(x, "(b f) c h w -> b f (h w) c", f=frames)
+        y = self.norm(tokens).add_(frame_positions(frames, tokens.shape[-1], x.device, x.dtype)[:, None])
+        # One projection per q, k, v (rows of to_qkv's weight), each b f (h w) c: (h w) and nh then merge into
+        # one attention batch axis; the pixels go there, not into the heads axis, whose CUDA grid is limited.
+        q, k, v = (rearrange(F.linear(y, w), "b f n (nh d) -> (n nh) b f d", nh=self.heads)
+                   for w in self.to_qkv.weight.chunk(3))
         y = F.scaled_dot_product_attention(q, k, v)
-        y = self.to_out(rearrange(y, "n nh f d -> n f (nh d)"))
-        tokens = tokens + y
-        return rearrange(tokens, "(b h w) f c -> (b f) c h w", h=h, w=w)
+        # A view where the attention keeps q's memory order (SDPA's CPU kernel does), else a copy.
+        y = self.to_out(rearrange(y, "(n nh) b f d -> b f n (nh d)", nh=self.heads))
+        return x + rearrange(y, "b f (h w) c -> (b f) c h w", h=h)
 
 
 class PseudoAttention(nn.Module):

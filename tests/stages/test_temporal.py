@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 
 from stages.config import UNetConfig
-from stages.temporal import PseudoAttention, PseudoConv3d, inflate, spatial_state_dict, temporal_parameter_names
+from stages.temporal import (FrameContext, PseudoAttention, PseudoConv3d, TemporalAttention, frame_positions, inflate,
+                             spatial_state_dict, temporal_parameter_names)
 from stages.unet import VideoUNet, build_unet2d, widen_input
 
 
@@ -158,8 +159,6 @@ def _temporal_conv_as_conv1d(layer: PseudoConv3d, x: torch.Tensor, frames: int) 
 def test_temporal_conv_as_conv3d_equals_the_conv1d_layout(channels_last):
     """The (k, 1, 1) Conv3d on the ``b c f h w`` view computes the Conv1d over ``(b h w) c f`` (within round-off),
     from the same parameters; on channels-last memory its result is channels-last, with no copy to undo."""
-    from stages.temporal import FrameContext
-
     torch.manual_seed(0)
     context = FrameContext()
     context.frames = 5
@@ -177,3 +176,53 @@ def test_temporal_conv_as_conv3d_equals_the_conv1d_layout(channels_last):
         assert out.is_contiguous(memory_format=torch.channels_last)
     # the state dict is the Conv1d's: same names and shapes, so bundles saved before load as they are
     assert layer.state_dict()["temporal_conv.weight"].shape == (8, 8, 3)
+
+
+def _attention_as_einops(layer: TemporalAttention, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The temporal attention in its first layout: every pixel's frames as a sequence, ``(b h w) f c``, and back."""
+    h, w = x.shape[-2:]
+    tokens = rearrange(x, "(b f) c h w -> (b h w) f c", f=frames)
+    y = layer.norm(tokens) + frame_positions(frames, tokens.shape[-1], x.device, x.dtype)
+    q, k, v = rearrange(layer.to_qkv(y), "n f (three nh d) -> three n nh f d", three=3, nh=layer.heads)
+    y = layer.to_out(rearrange(torch.nn.functional.scaled_dot_product_attention(q, k, v), "n nh f d -> n f (nh d)"))
+    return rearrange(tokens + y, "(b h w) f c -> (b f) c h w", h=h, w=w)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("frames", [1, 4, 16])
+def test_temporal_attention_equals_the_einops_layout(frames, heads, channels_last):
+    """Per-token ops on ``(b f) h w c`` and attention on strided views compute the ``(b h w) f c`` layout's
+    output and gradients (within round-off), from the same parameters, in the input's memory format."""
+    torch.manual_seed(0)
+    layer = TemporalAttention(8, heads, FrameContext())
+    _perturb(layer, 5)  # to_out away from zero, so the attention shows in the output
+    x = torch.randn(2 * frames, 8, 5, 6)  # batch 2: (b h w) cannot be a view of (b f) h w
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()
+    out = layer.attend(x, frames)
+    ref = _attention_as_einops(layer, x_ref, frames)
+    assert (out - ref).abs().max() < 1e-5
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad = torch.randn_like(out)
+    params = list(layer.parameters())
+    got = torch.autograd.grad(out, [x, *params], grad)
+    want = torch.autograd.grad(ref, [x_ref, *params], grad)
+    for name, g, w in zip(["x", *(n for n, _ in layer.named_parameters())], got, want):
+        assert (g - w).abs().max() < 1e-5 * max(1.0, w.abs().max().item()), name
+    assert set(layer.state_dict()) == {"norm.weight", "norm.bias", "to_qkv.weight", "to_out.weight", "to_out.bias"}
+
+
+def test_temporal_attention_switched_off_or_on_one_frame_returns_its_input():
+    context = FrameContext()
+    layer = TemporalAttention(8, 2, context)
+    _perturb(layer, 6)
+    x = torch.randn(4, 8, 3, 3)
+    context.frames = 1
+    assert layer(x) is x
+    context.frames, context.enabled = 4, False
+    assert layer(x) is x
+    context.enabled = True
+    assert (layer(x) - x).abs().max() > 1e-3
