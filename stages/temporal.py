@@ -41,8 +41,10 @@ class PseudoConv3d(nn.Module):
 
     The 1D conv runs as a ``(k, 1, 1)`` Conv3d on a view of the ``(b f) c h w`` activation as ``b c f h w``:
     no rearrangement to ``(b h w) c f`` and back. On channels-last memory (``(b f) h w c``, which is
-    channels-last-3d for ``b c f h w``) neither the view nor the result is copied. Its weight keeps the
-    Conv1d's shape ``c c k`` and name, so checkpoints of either layout load unchanged.
+    channels-last-3d for ``b c f h w``) the view is free, and so is the result where the conv kernel keeps
+    that layout (cuDNN; oneDNN on several threads); a kernel that returns contiguous memory instead has its
+    result brought back to channels-last once, so the layers after it see the memory format they were given.
+    Its weight keeps the Conv1d's shape ``c c k`` and name, so checkpoints of either layout load unchanged.
     """
 
     def __init__(self, spatial: nn.Conv2d, context: FrameContext, kernel: int = 3) -> None:
@@ -62,7 +64,10 @@ class PseudoConv3d(nn.Module):
         conv = self.temporal_conv
         video = rearrange(x, "(b f) c h w -> b c f h w", f=self.context.frames)
         y = F.conv3d(video, conv.weight[..., None, None], conv.bias, padding=(conv.padding[0], 0, 0))
-        return rearrange(y, "b c f h w -> (b f) c h w")
+        y = rearrange(y, "b c f h w -> (b f) c h w")
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)  # a no-op where the kernel kept the layout
+        return y
 
 
 def frame_positions(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
