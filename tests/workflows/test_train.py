@@ -14,7 +14,7 @@ import torch
 
 from stages.checkpoint import load_stage
 from stages.config import ConfigError, FrameNoiseConfig
-from stages.temporal import spatial_state_dict, temporal_parameter_names
+from stages.temporal import temporal_parameter_names
 from stages.training import TrainConfig, probe
 from workflows.presets import load_preset
 from workflows.shapes.data import synth
@@ -61,11 +61,6 @@ def trained(ray_session, data, tiny_preset_file):
     results = {}
     for stage in ORDER:
         init = out if stage in ("decoder-video", "sr-low-video", "interpolation") else None
-        if stage == "sr-low-video":  # the image SR_l^t, to fine-tune its temporal layers alone below
-            only = TrainJob(stage=stage, data=(data,), output=out + "-temporal-only", preset=tiny_preset_file,
-                            init=out, workers=2, config=dataclasses.replace(CONFIG, max_steps=6, temporal_only=True))
-            results["sr-low-image"] = load_stage(out, "sr_low")[1].state_dict()
-            results["temporal-only"] = (only.output, run_training(only))
         job = TrainJob(stage=stage, data=(data,), output=out, config=config_of(stage), preset=tiny_preset_file,
                        init=init, workers=2)
         results[stage] = run_training(job)
@@ -110,17 +105,12 @@ def test_trained_bundle_generates_with_mav_generate(trained, tmp_path):
     assert frames.shape == (7, 32, 32, 3) and fps == 10.0  # tiny preset: 4 keyframes, skip 2, SR to 32
 
 
-def test_video_stages_were_inflated_and_temporal_only_trains_only_temporal_layers(trained):
-    out, results = trained
-    cfg, decoder = load_stage(out, "decoder")
-    assert cfg.unet.temporal and temporal_parameter_names(decoder)
-    _, sr_low = load_stage(results["temporal-only"][0], "sr_low")
-    before = results["sr-low-image"]
-    after = spatial_state_dict(sr_low)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the 2D weights did not move
-    convs = {k: v for k, v in sr_low.state_dict().items() if k.endswith("temporal_conv.weight")}
-    assert convs and any(not torch.equal(v, torch.nn.init.dirac_(torch.empty_like(v))) for v in convs.values())
+def test_video_stages_were_inflated(trained):
+    """(``temporal_only``, which trains the inflated layers alone, is checked on the smoke recipe's D^t.)"""
+    out, _ = trained
+    for produced in ("decoder", "sr_low", "interpolation"):
+        cfg, net = load_stage(out, produced)
+        assert cfg.unet.temporal and temporal_parameter_names(net), produced
 
 
 def test_interpolation_keeps_its_given_frames(trained):

@@ -32,6 +32,24 @@ def test_recipe_trains_every_stage_in_the_papers_order_into_one_bundle(bundle):
     assert recipe.read_state(out) == state
 
 
+def test_temporal_only_fine_tuning_moves_only_the_temporal_layers(bundle):
+    """The smoke recipe fine-tunes D^t with ``temporal_only``: its 2D weights are the image D's, bit for bit;
+    the temporal convolutions left their identity start."""
+    import torch
+
+    from stages.checkpoint import load_stage
+    from stages.temporal import spatial_state_dict
+
+    out, _ = bundle
+    _, video = load_stage(out, "decoder")
+    _, image = load_stage(f"{out}/_image", "decoder")
+    before, after = image.state_dict(), spatial_state_dict(video)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    convs = {k: v for k, v in video.state_dict().items() if k.endswith("temporal_conv.weight")}
+    assert convs and any(not torch.equal(v, torch.nn.init.dirac_(torch.empty_like(v))) for v in convs.values())
+
+
 def test_captions_leave_the_held_out_combinations_out(bundle):
     _, state = bundle
     captions = set()
