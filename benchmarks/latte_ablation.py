@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latte_ablation.py --work /tmp/latte-ablation \\
         --image-steps 300 --video-steps 120                # every row in turn (docs/latte.md); a rerun continues
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latte_ablation.py --work /tmp/latte-ablation-seed1 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latte_ablation.py --work /tmp/latte-ablation/seed1 \\
         --data /tmp/latte-ablation/data --seed 1 --rows unet latte-v1    # the same rows, another training seed
     .venv/bin/python benchmarks/latte_ablation.py --work /tmp/latte-ablation --table   # the table of what ran
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latte_ablation.py --cost   # seconds per sample, cpu presets
