@@ -62,8 +62,9 @@ def cmd_tune(args) -> int:
     settings = run_tune(args.video, args.caption, args.output, options, checkpoint=args.checkpoint,
                         log=lambda line: print(line, file=sys.stderr),
                         connect=lambda: init_ray(args.address, cpus_needed(args.workers, 1.0)))
-    print(f"tuned {len(settings.parameters)} parameter tensors in {settings.steps} steps, final loss "
-          f"{settings.loss:.4f}, {settings.seconds:.0f}s; wrote {args.output}", file=sys.stderr)
+    done = (f"tuned {len(settings.parameters)} parameter tensors in {settings.steps} steps, final loss "
+            f"{settings.loss:.4f}" if settings.steps else "inverted the source untuned (--steps 0)")
+    print(f"{done}, {settings.seconds:.0f}s; wrote {args.output}", file=sys.stderr)
     return 0
 
 
